@@ -1,0 +1,1 @@
+"""The metagradient data-selection experiment."""

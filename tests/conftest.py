@@ -1,0 +1,38 @@
+import os
+
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Float64 is needed for the reference checks of the xla backend; it does not change
+# the dtype of any float32/bf16/fp16 array the tests build explicitly.
+jax.config.update("jax_enable_x64", True)
+
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "device", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def _gpu_skip_reason():
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if not gpus:
+        return f"needs an NVIDIA GPU; JAX sees only {jax.default_backend()} devices here"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _gpu_skip_reason()
+    if reason is None:
+        return
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

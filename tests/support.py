@@ -1,0 +1,66 @@
+"""What every equivalence test shares: input draws, the error measure, tolerances."""
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import jax.numpy as jnp
+import numpy as np
+
+from mgd.reference import float64 as f64
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Relative L2 error allowed against the float64 reference, computed on the same
+# rounded inputs (so input rounding is not counted). Unit roundoff u is 6e-8
+# (float32), 4.9e-4 (float16) and 3.9e-3 (bfloat16). Low-precision backends round
+# P (and dS, dP' in the backward passes) to the input dtype before the second
+# product of each chain, and round each output once: a handful of roundings of
+# size u, growing slowly with the depth of the chain, so forward ~2u,
+# backward ~4u, double backward ~6u. The float32 bound covers TF32 products on
+# GPUs (u = 4.9e-4 for the 10-bit TF32 mantissa) where a kernel uses them.
+TOLERANCE = {
+    # dtype:      (forward, backward, double backward)
+    "float32": (2e-3, 3e-3, 5e-3),
+    "bfloat16": (1.5e-2, 3e-2, 5e-2),
+    "float16": (3e-3, 6e-3, 1e-2),
+}
+
+
+def tolerance(dtype_name, order):
+    """order: 0 forward, 1 backward, 2 double backward."""
+    return TOLERANCE[dtype_name][order]
+
+
+def rel_l2(x, ref):
+    x = np.asarray(x, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert x.shape == ref.shape, (x.shape, ref.shape)
+    assert np.all(np.isfinite(x)), "non-finite values in the output"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def draw(rng, shape, dtype):
+    """Fresh standard-normal input in `dtype` (never zeros)."""
+    return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def upcast(*xs):
+    return [np.asarray(jnp.asarray(x, jnp.float32), dtype=np.float64) for x in xs]
+
+
+@st.composite
+def attention_shapes(draw_, max_t=80, head_dims=(16, 32, 64, 128), max_b=2, max_h=3):
+    """(B, T, H, D): T includes 1, primes and lengths that are not tile multiples."""
+    t = draw_(st.one_of(st.sampled_from([1, 2, 7, 13, 31, 61, 64, 65, 79]),
+                        st.integers(1, max_t)))
+    t = min(t, max_t)
+    return (draw_(st.integers(1, max_b)), t, draw_(st.integers(1, max_h)),
+            draw_(st.sampled_from(head_dims)))
+
+
+def reference_all(q, k, v, do, ddq, ddk, ddv, *, causal, scale=None):
+    """Float64 forward, backward and double backward on upcast inputs."""
+    q, k, v, do, ddq, ddk, ddv = upcast(q, k, v, do, ddq, ddk, ddv)
+    o, lse = f64.forward(q, k, v, causal=causal, scale=scale)
+    grads = f64.backward(q, k, v, do, causal=causal, scale=scale)
+    second = f64.double_backward(q, k, v, do, ddq, ddk, ddv, causal=causal, scale=scale)
+    return (o, lse), grads, second
