@@ -28,12 +28,12 @@ def check_qkv(q, k, v):
         raise TypeError(
             f"q, k and v must share one dtype, got q={_dtype_name(q)}, "
             f"k={_dtype_name(k)}, v={_dtype_name(v)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k={k.shape}, v={v.shape}")
     b, tq, h, d = q.shape
     if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
         raise ValueError(
             f"k must be [batch={b}, seq, heads={h}, head_dim={d}] to match q, got {k.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k={k.shape}, v={v.shape}")
     if tq == 0 or k.shape[1] == 0:
         raise ValueError(f"sequence lengths must be positive, got q: {tq}, k: {k.shape[1]}")
     if d == 0:

@@ -8,6 +8,8 @@ as the contract asks of every backend.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -48,13 +50,19 @@ def attention(q, k, v, *, causal, scale):
     return forward_with_lse(q, k, v, causal=causal, scale=scale)[0]
 
 
-# The three primitives, as naive autodiff gives them. `o` and `lse` are part of
-# the common backend signature; autodiff recomputes what it needs instead.
+# The three primitives, as naive autodiff gives them, each compiled as one XLA
+# program. `o` and `lse` are part of the common backend signature; autodiff
+# recomputes what it needs instead.
 
+_static = partial(jax.jit, static_argnames=("causal", "scale"))
+
+
+@_static
 def forward(q, k, v, *, causal, scale):
     return forward_with_lse(q, k, v, causal=causal, scale=scale)
 
 
+@_static
 def backward(q, k, v, o, lse, do, *, causal, scale, dlse=None):
     del o, lse
     f = lambda q, k, v: forward_with_lse(q, k, v, causal=causal, scale=scale)  # noqa: E731
@@ -64,6 +72,7 @@ def backward(q, k, v, o, lse, do, *, causal, scale, dlse=None):
     return vjp((do, dlse))
 
 
+@_static
 def double_backward(q, k, v, o, lse, do, ddq, ddk, ddv, *, causal, scale):
     del o, lse
     bwd = lambda q, k, v, do: jax.vjp(  # noqa: E731
