@@ -1,0 +1,319 @@
+"""The Triton backend against the float64 reference.
+
+GPU tests (marked `gpu`) run the kernels through jax-triton: each primitive on
+hypothesis-drawn shapes, grad-of-grad through `mgd.attention(impl="triton")`,
+vmap, and one long sequence. Without a GPU: the backend must refuse with a
+reason naming the GPU, and, where the `triton` package is installed, the same
+kernels and launch sequences run under Triton's CPU interpreter on small shapes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import mgd
+from tests.support import (attention_shapes, draw, hvp, reference_all, reference_hvp, rel_l2,
+                           tolerance)
+
+
+def _has_gpu():
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+HAS_GPU = _has_gpu()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not HAS_GPU:
+    # Triton decides at decoration time whether a kernel is compiled or
+    # interpreted; without a GPU only the interpreter can run them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+NAMES = ("o", "lse", "dq", "dk", "dv", "gq", "gk", "gv", "gdo")
+
+
+def _assert_close(name, got, ref, tol):
+    err = rel_l2(got, ref)
+    assert err <= tol, f"{name}: relative L2 error {err:.2e} > {tol:.1e}"
+
+
+def _inputs(rng, b, tq, tk, h, d, dtype):
+    q, do, ddq = (draw(rng, (b, tq, h, d), dtype) for _ in range(3))
+    k, v, ddk, ddv = (draw(rng, (b, tk, h, d), dtype) for _ in range(4))
+    return q, k, v, do, ddq, ddk, ddv
+
+
+def _lse_term(q, k, dlse, *, causal, scale):
+    """Float64 gradients of sum(dlse * lse): dq_i = s dlse_i sum_j P_ij k_j, dk_j likewise."""
+    qh, kh = (np.swapaxes(np.asarray(jnp.asarray(x, jnp.float32), np.float64), 1, 2) for x in (q, k))
+    s = scale * qh @ np.swapaxes(kh, -1, -2)
+    if causal:
+        s = np.where(np.tril(np.ones(s.shape[-2:], bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    w = p * np.asarray(dlse, np.float64)[..., None]
+    return (np.swapaxes(scale * w @ kh, 1, 2), np.swapaxes(scale * np.swapaxes(w, -1, -2) @ qh, 1, 2))
+
+
+def _check_primitives(impl, rng, b, tq, tk, h, d, dtype_name, causal, jit=True):
+    """impl: module with forward/backward/double_backward; all outputs vs float64."""
+    dtype = jnp.dtype(dtype_name)
+    q, k, v, do, ddq, ddk, ddv = _inputs(rng, b, tq, tk, h, d, dtype)
+    scale = 1.0 / np.sqrt(d)
+    kw = dict(causal=causal, scale=scale)
+    wrap = jax.jit if jit else (lambda f: f)
+    o, lse = wrap(lambda q, k, v: impl.forward(q, k, v, **kw))(q, k, v)
+    dlse = 0.5 * rng.standard_normal(lse.shape).astype(np.float32)
+    grads = wrap(lambda *a: impl.backward(*a, **kw))(q, k, v, o, lse, do)
+    grads_dlse = wrap(lambda *a: impl.backward(*a[:6], dlse=a[6], **kw))(q, k, v, o, lse, do, dlse)
+    second = wrap(lambda *a: impl.double_backward(*a, **kw))(q, k, v, o, lse, do, ddq, ddk, ddv)
+
+    (o_ref, lse_ref), grads_ref, second_ref = reference_all(q, k, v, do, ddq, ddk, ddv, **kw)
+    for x, like in ((o, q), *zip(grads, (q, k, v)), *zip(second, (q, k, v, do))):
+        assert x.dtype == like.dtype and x.shape == like.shape
+    assert lse.dtype == np.float32 and lse.shape == (b, h, tq)
+    got = (o, lse, *grads, *second)
+    ref = (o_ref, lse_ref, *grads_ref, *second_ref)
+    orders = (0, 0, 1, 1, 1, 2, 2, 2, 2)
+    for name, x, r, order in zip(NAMES, got, ref, orders):
+        _assert_close(name, x, r, tolerance(dtype_name, order))
+    dq_l, dk_l = _lse_term(q, k, dlse, causal=causal, scale=scale)
+    for name, x, r in zip(("dq+dlse", "dk+dlse", "dv+dlse"), grads_dlse,
+                          (grads_ref[0] + dq_l, grads_ref[1] + dk_l, grads_ref[2])):
+        _assert_close(name, x, r, tolerance(dtype_name, 1))
+
+
+@st.composite
+def _problems(draw_, max_t, head_dims, dtypes):
+    b, t, h, d = draw_(attention_shapes(max_t=max_t, head_dims=head_dims))
+    causal = draw_(st.booleans())
+    # Key length may differ from the query length when nothing ties them.
+    tk = t if causal else draw_(st.one_of(st.just(t), st.integers(1, max_t)))
+    return b, t, tk, h, d, draw_(st.sampled_from(dtypes)), causal, draw_(st.integers(0, 2**31 - 1))
+
+
+# ---------------------------------------------------------------------------
+# GPU: the kernels through jax-triton.
+
+
+def _triton():
+    from mgd.reference import triton as backend
+
+    return backend
+
+
+# Head dims 16 and 32 are covered by test_edge_shapes_match_float64: every
+# (head dim, dtype, causal) triple compiles seven kernels, which dominates the run.
+@pytest.mark.gpu
+@given(_problems(max_t=300, head_dims=(64, 128), dtypes=("bfloat16", "float16")))
+def test_primitives_match_float64(problem):
+    b, tq, tk, h, d, dtype_name, causal, seed = problem
+    _check_primitives(_triton(), np.random.default_rng(seed), b, tq, tk, h, d, dtype_name, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, tq, tk, h, d, dtype_name, causal", [
+    (1, 1, 1, 1, 16, "bfloat16", True),     # jax-triton makes scalar arguments equal to 1 constants
+    (1, 1, 5, 1, 32, "float16", False),
+    (2, 13, 13, 1, 64, "float16", True),
+    (1, 61, 1, 3, 128, "bfloat16", False),
+    (1, 77, 77, 2, 64, "float32", True),     # float32 products run as TF32
+])
+def test_edge_shapes_match_float64(b, tq, tk, h, d, dtype_name, causal):
+    _check_primitives(_triton(), np.random.default_rng(tq * 100 + d), b, tq, tk, h, d, dtype_name,
+                      causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+def test_multi_tile_lengths_match_float64(causal):
+    # Lengths past several tiles of every kernel, with ragged tails.
+    rng = np.random.default_rng(7)
+    _check_primitives(_triton(), rng, 1, 1031, 1031 if causal else 777, 2, 128, "bfloat16", causal)
+    _check_primitives(_triton(), rng, 2, 517, 517, 3, 64, "float16", causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_grad_of_grad_matches_float64_hvp(causal, dtype_name):
+    """Reverse-over-reverse HVP through mgd.attention(impl="triton") with a loss
+    nonlinear in O (sum(sin(O) * c)), against the closed-form float64 product."""
+    rng = np.random.default_rng(3)
+    dtype = jnp.dtype(dtype_name)
+    b, t, h, d = 2, 133, 2, 64
+    q, k, v, uq, uk, uv = (draw(rng, (b, t, h, d), dtype) for _ in range(6))
+    c = draw(rng, (b, t, h, d), jnp.float32)
+    attention = lambda q, k, v: mgd.attention(q, k, v, causal=causal, impl="triton")  # noqa: E731
+    got = hvp(attention, q, k, v, c, uq, uk, uv)
+    want = reference_hvp(q, k, v, c, uq, uk, uv, causal=causal)
+    for name, x, w in zip(("hvp_q", "hvp_k", "hvp_v"), got, want):
+        assert x.dtype == dtype
+        _assert_close(name, x, w, tolerance(dtype_name, 2))
+
+
+@pytest.mark.gpu
+def test_vmap_matches_per_slice():
+    backend = _triton()
+    rng = np.random.default_rng(5)
+    n, b, t, h, d = 3, 2, 70, 2, 64
+    dtype = jnp.bfloat16
+    q, k, v, do, ddq, ddk, ddv = (draw(rng, (n, b, t, h, d), dtype) for _ in range(7))
+    kw = dict(causal=True, scale=0.125)
+    o, lse = jax.vmap(lambda q, k, v: backend.forward(q, k, v, **kw))(q, k, v)
+    # k and v unbatched: the rule broadcasts them before folding.
+    grads = jax.jit(jax.vmap(lambda q, o, lse, do: backend.backward(q, k[0], v[0], o, lse, do, **kw)))(
+        q, *jax.vmap(lambda q: backend.forward(q, k[0], v[0], **kw))(q), do)
+    second = jax.vmap(lambda *a: backend.double_backward(*a, **kw))(q, k, v, o, lse, do, ddq, ddk, ddv)
+    for i in range(n):
+        o_i, lse_i = backend.forward(q[i], k[i], v[i], **kw)
+        np.testing.assert_array_equal(np.asarray(o[i], np.float32), np.asarray(o_i, np.float32))
+        np.testing.assert_array_equal(np.asarray(lse[i]), np.asarray(lse_i))
+        o0, lse0 = backend.forward(q[i], k[0], v[0], **kw)
+        for x, y in zip(grads, backend.backward(q[i], k[0], v[0], o0, lse0, do[i], **kw)):
+            np.testing.assert_array_equal(np.asarray(x[i], np.float32), np.asarray(y, np.float32))
+        ref = backend.double_backward(q[i], k[i], v[i], o_i, lse_i, do[i], ddq[i], ddk[i], ddv[i], **kw)
+        for x, y in zip(second, ref):
+            np.testing.assert_array_equal(np.asarray(x[i], np.float32), np.asarray(y, np.float32))
+
+    # And through the public op: a per-example gradient of a nonlinear loss.
+    def loss(q):
+        return jnp.sum(jnp.sin(mgd.attention(q, k[0], v[0], impl="triton").astype(jnp.float32)))
+
+    per_example = jax.vmap(jax.grad(loss))(q)
+    for i in range(n):
+        # XLA may fuse the elementwise loss differently when mapped: one bf16 ulp.
+        _assert_close("per-example grad", per_example[i], jax.grad(loss)(q[i]), 1e-2)
+
+
+def _rows_reference(q, k, v, do, ddk, ddv, ddq, rows, scale):
+    """Float64 O, dO' and Q' for a few query rows of head 0 (causal), which
+    depend on those rows alone: checkable at lengths where T x T is not."""
+    f = lambda x: np.asarray(jnp.asarray(x[0, :, 0], jnp.float32), np.float64)  # noqa: E731
+    q, k, v, do, ddk, ddv, ddq = map(f, (q, k, v, do, ddk, ddv, ddq))
+    out = []
+    for i in rows:
+        s = scale * k[: i + 1] @ q[i]
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        o = p @ v[: i + 1]
+        dp = v[: i + 1] @ do[i]
+        delta = do[i] @ o
+        dds = scale * (k[: i + 1] @ ddq[i] + ddk[: i + 1] @ q[i])
+        dd = p @ dds
+        dp_bar = ddv[: i + 1] @ do[i] - dp * dd - dds * delta + dp * dds
+        b = p @ dp_bar
+        ds = scale * p * (dp - delta)
+        ds_bar = scale * p * (dp_bar - b)
+        gq = ds @ ddk[: i + 1] + ds_bar @ k[: i + 1]
+        gdo = p @ ddv[: i + 1] + (p * (dds - dd)) @ v[: i + 1]
+        out.append((o, gdo, gq))
+    return out
+
+
+@pytest.mark.gpu
+def test_long_causal_sequence_in_linear_memory():
+    """B=1, H=16, D=128, T=32768 bf16: T x T per head would need 64 GiB in
+    float32 for one matrix; the kernels need O(T). Spot-check rows in float64."""
+    backend = _triton()
+    rng = np.random.default_rng(11)
+    b, t, h, d = 1, 32768, 16, 128
+    q, k, v, do, ddq, ddk, ddv = _inputs(rng, b, t, t, h, d, jnp.bfloat16)
+    scale = 1.0 / np.sqrt(d)
+    kw = dict(causal=True, scale=scale)
+    o, lse = jax.jit(lambda *a: backend.forward(*a, **kw))(q, k, v)
+    grads = jax.jit(lambda *a: backend.backward(*a, **kw))(q, k, v, o, lse, do)
+    gq, gk, gv, gdo = jax.jit(lambda *a: backend.double_backward(*a, **kw))(
+        q, k, v, o, lse, do, ddq, ddk, ddv)
+    for x in (o, lse, *grads, gq, gk, gv, gdo):
+        assert bool(jnp.all(jnp.isfinite(x)))
+    rows = [0, 1, 4095, 20000, t - 1]
+    tol = tolerance("bfloat16", 2)
+    for i, (o_r, gdo_r, gq_r) in zip(rows, _rows_reference(q, k, v, do, ddk, ddv, ddq, rows, scale)):
+        _assert_close(f"o[{i}]", o[0, i, 0], o_r, tolerance("bfloat16", 0))
+        _assert_close(f"gdo[{i}]", gdo[0, i, 0], gdo_r, tol)
+        _assert_close(f"gq[{i}]", gq[0, i, 0], gq_r, tol)
+
+
+@pytest.mark.gpu
+def test_unavailable_reason_names_the_bad_argument():
+    backend = _triton()
+    x = jnp.zeros((1, 4, 1, 64), jnp.bfloat16)
+    assert backend.unavailable_reason(x, x, x, causal=True) is None
+    bad_d = jnp.zeros((1, 4, 1, 48), jnp.bfloat16)
+    assert "head_dim 48" in backend.unavailable_reason(bad_d, bad_d, bad_d, causal=True)
+    f64 = jnp.zeros((1, 4, 1, 64), jnp.float64)
+    assert "float64" in backend.unavailable_reason(f64, f64, f64, causal=False)
+    with pytest.raises(mgd.BackendUnavailable, match="head_dim 48"):
+        mgd.attention(bad_d, bad_d, bad_d, impl="triton")
+
+
+# ---------------------------------------------------------------------------
+# Without a GPU.
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the refusal on machines without a GPU")
+def test_cpu_refuses_with_reason_naming_the_gpu():
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 8, 2, 64)), jnp.bfloat16)
+    with pytest.raises(mgd.BackendUnavailable, match="NVIDIA GPU"):
+        mgd.attention(x, x, x, impl="triton")
+    assert "triton" not in mgd.available(x, x, x)
+
+
+def test_fold_batch_is_the_mapped_computation():
+    """vmap through the custom rule equals the per-slice calls, and the wrapped
+    function sees the mapped axis folded into B (one launch, not a loop)."""
+    from mgd.reference.triton.batching import fold_batch
+
+    seen = []
+
+    def per_batch(x, y):
+        seen.append(x.shape)
+        return jnp.cumsum(x, axis=1) * y[:, :1], jnp.sum(x * y, axis=-1)
+
+    f = fold_batch(per_batch)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 3, 5, 2)))
+    y = jnp.asarray(rng.standard_normal((3, 5, 2)))
+    a, s = jax.jit(jax.vmap(f, in_axes=(0, None)))(x, y)
+    assert (12, 5, 2) in seen
+    for i in range(4):
+        ai, si = per_batch(x[i], y)
+        np.testing.assert_allclose(a[i], ai, rtol=1e-12)
+        np.testing.assert_allclose(s[i], si, rtol=1e-12)
+    nested = jax.vmap(jax.vmap(f))(x.reshape(2, 2, 3, 5, 2), jnp.broadcast_to(y, (2, 2, 3, 5, 2)))
+    np.testing.assert_allclose(nested[0].reshape(a.shape), a, rtol=1e-12)
+
+
+@pytest.mark.skipif(HAS_GPU or not HAS_TRITON,
+                    reason="interpreter check: needs the triton package and no GPU")
+@given(_problems(max_t=70, head_dims=(16, 32, 64), dtypes=("float32", "float16")),
+       st.sampled_from([(16, 16), (16, 32), (32, 16)]))
+def test_kernels_under_the_cpu_interpreter_match_float64(problem, tiles):
+    """The same kernels and launch sequences on NumPy arrays, tiles small enough
+    that a short sequence spans several (masked, unmasked and tail tiles)."""
+    from mgd.reference.triton import interpret
+
+    b, tq, tk, h, d, dtype_name, causal, seed = problem
+
+    class Host:
+        forward = staticmethod(lambda *a, **kw: interpret.forward(*map(_np, a), **kw, block_m=tiles[0],
+                                                                   block_n=tiles[1]))
+        backward = staticmethod(lambda *a, dlse=None, **kw: interpret.backward(
+            *map(_np, a), dlse=None if dlse is None else _np(dlse), **kw, block_m=tiles[0],
+            block_n=tiles[1]))
+        double_backward = staticmethod(lambda *a, **kw: interpret.double_backward(
+            *map(_np, a), **kw, block_m=tiles[0], block_n=tiles[1]))
+
+    _check_primitives(Host, np.random.default_rng(seed), b, tq, tk, h, d, dtype_name, causal, jit=False)
+
+
+def _np(x):
+    return np.ascontiguousarray(np.asarray(x))
