@@ -1,0 +1,253 @@
+"""How one benchmark is timed and what it records.
+
+Timing rules (GPU work is asynchronous, so a careless timer measures dispatch):
+  * compile and one warm-up call per input set happen before the timed region;
+  * every timed call ends in `jax.block_until_ready`, inside the timed region;
+  * the input sets are rotated call by call, so repeated calls do not find
+    their operands already in L2;
+  * pytest-benchmark's pedantic mode runs many rounds; the median is reported.
+
+Knobs (environment): MGD_BENCH_SETS (input sets, default 4), MGD_BENCH_MAX_S
+(timed seconds per benchmark, default 0.5), MGD_BENCH_MIN_ROUNDS (5),
+MGD_BENCH_MAX_ROUNDS (50), MGD_BENCH_JSONL (append every result and
+out-of-memory point to this file as it happens, so a run that is killed part
+way still leaves its finished numbers).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+
+try:  # optional: NVTX ranges show the stages in nsys / filter them in ncu
+    import nvtx as _nvtx
+except ImportError:  # pragma: no cover - nvtx is a dependency, but benches must not need it
+    _nvtx = None
+
+NVTX_DOMAIN = "mgd"
+REPO = Path(__file__).resolve().parent.parent
+
+# Out-of-memory points, added to the saved JSON under "mgd_oom" by bench/conftest.py
+# (pytest-benchmark drops skipped tests from its own "benchmarks" list).
+OOM_RECORDS: list[dict] = []
+
+
+def _env_int(name, default):
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _env_float(name, default):
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+@contextlib.contextmanager
+def nvtx_range(name):
+    """A process-wide (start/end) NVTX range in domain "mgd".
+
+    Start/end rather than push/pop: XLA may launch kernels from a thread other
+    than the Python one, and only process ranges enclose launches on any thread.
+    """
+    if _nvtx is None:
+        yield
+        return
+    handle = _nvtx.start_range(message=name, domain=NVTX_DOMAIN)
+    try:
+        yield
+    finally:
+        _nvtx.end_range(handle)
+
+
+# ---------------------------------------------------------------- provenance
+
+@lru_cache(maxsize=None)
+def commit():
+    """The git commit of the checkout, or $MGD_COMMIT where there is no git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("MGD_COMMIT", "unknown")
+
+
+@lru_cache(maxsize=None)
+def device_name():
+    device = jax.devices()[0]
+    return getattr(device, "device_kind", None) or device.platform
+
+
+def memory_stats():
+    """The first device's allocator statistics, or {} where there are none (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
+        stats = None
+    return dict(stats or {})
+
+
+def compiled_memory(jitted, args):
+    """XLA's buffer-assignment footprint of one executable: arguments + outputs
+    + temporaries - aliased. Unlike the allocator's peak, which only ever grows
+    over a process, this is specific to the benchmarked function. Buffers a
+    custom kernel allocates behind XLA's back are not in it."""
+    try:
+        analysis = jitted.lower(*args).compile().memory_analysis()
+    except Exception:  # noqa: BLE001 - memory analysis is best effort
+        return None
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def is_oom(err):
+    if isinstance(err, MemoryError):
+        return True
+    text = str(err)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def nbytes(tree):
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+# -------------------------------------------------------------------- timing
+
+def _schedule(one_call_s):
+    """(rounds, iterations): each round at least ~1 ms long, the whole
+    measurement about MGD_BENCH_MAX_S, at least MGD_BENCH_MIN_ROUNDS rounds."""
+    min_round_s = 1e-3
+    iterations = max(1, min(100, math.ceil(min_round_s / max(one_call_s, 1e-9))))
+    budget = _env_float("MGD_BENCH_MAX_S", 0.5)
+    min_rounds = max(1, _env_int("MGD_BENCH_MIN_ROUNDS", 5))
+    max_rounds = max(min_rounds, _env_int("MGD_BENCH_MAX_ROUNDS", 50))
+    rounds = int(budget / (one_call_s * iterations))
+    return max(min_rounds, min(max_rounds, rounds)), iterations
+
+
+def measure(benchmark, stage, jitted, input_sets):
+    """Time `jitted` over the rotated `input_sets` with `benchmark.pedantic`.
+
+    Returns the median seconds per call, or None when pytest-benchmark is
+    disabled (--benchmark-disable: the function is only run once, as a smoke test).
+    """
+    if benchmark.disabled:
+        # --benchmark-disable: compile, then exactly one call inside the stage's
+        # NVTX range (a smoke test in CI; one launch per kernel under ncu).
+        with nvtx_range(f"{stage}:warmup"):
+            jax.block_until_ready(jitted(*input_sets[0]))
+
+        def once():
+            with nvtx_range(stage):
+                jax.block_until_ready(jitted(*input_sets[0]))
+
+        benchmark.pedantic(once)
+        return None
+    for args in input_sets:  # compile and warm up outside the timed region
+        with nvtx_range(f"{stage}:warmup"):
+            jax.block_until_ready(jitted(*args))
+    start = time.perf_counter()
+    jax.block_until_ready(jitted(*input_sets[0]))
+    one_call_s = time.perf_counter() - start
+    rounds, iterations = _schedule(one_call_s)
+
+    turn = [0]
+
+    def timed_call():
+        args = input_sets[turn[0] % len(input_sets)]
+        turn[0] += 1
+        with nvtx_range(stage):
+            jax.block_until_ready(jitted(*args))
+
+    benchmark.pedantic(timed_call, rounds=rounds, iterations=iterations,
+                       warmup_rounds=min(2, rounds))
+    stats = benchmark.stats
+    benchmark.extra_info.update(rounds=rounds, iterations=iterations)
+    return float(stats.stats.median)
+
+
+def n_input_sets(bytes_per_set, disabled=False):
+    """Several sets (MGD_BENCH_SETS, default 4), fewer where they would take
+    more than a quarter of the device memory; one when nothing is timed."""
+    if disabled:
+        return 1
+    wanted = max(1, _env_int("MGD_BENCH_SETS", 4))
+    limit = memory_stats().get("bytes_limit")
+    if limit and bytes_per_set > 0:
+        wanted = max(1, min(wanted, int(0.25 * limit // bytes_per_set)))
+    return wanted
+
+
+# ----------------------------------------------------------------- recording
+
+def base_info(stage, impl):
+    return {"stage": stage, "impl": impl, "gpu": device_name(),
+            "platform": jax.devices()[0].platform, "commit": commit(),
+            "jax": jax.__version__}
+
+
+def add_memory(info, stats_before):
+    """Allocator figures after the benchmark. `peak_bytes_in_use` is the
+    process's high-water mark so far (JAX cannot reset it), so it is an upper
+    bound for this benchmark; `compiled_bytes` is the per-function figure."""
+    stats = memory_stats()
+    if stats:
+        info["peak_bytes_in_use"] = int(stats.get("peak_bytes_in_use", 0))
+        info["bytes_limit"] = int(stats.get("bytes_limit", 0))
+        info["peak_grew"] = info["peak_bytes_in_use"] > int(stats_before.get("peak_bytes_in_use", 0))
+
+
+def emit(record):
+    """Append one result line to $MGD_BENCH_JSONL, when set."""
+    path = os.environ.get("MGD_BENCH_JSONL")
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf8") as fh:
+        fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+def record_result(benchmark, median_s):
+    """The finished benchmark, in pytest-benchmark's JSON shape, to the JSONL log."""
+    stats = {"median": median_s}
+    if getattr(benchmark, "stats", None) is not None:
+        s = benchmark.stats.stats
+        stats.update(min=s.min, max=s.max, mean=s.mean, stddev=s.stddev, rounds=s.rounds,
+                     iqr=s.iqr)
+    emit({"name": benchmark.name, "fullname": benchmark.fullname,
+          "group": benchmark.group, "stats": stats, "extra_info": dict(benchmark.extra_info)})
+
+
+def record_oom(benchmark, message):
+    """Mark the benchmark out of memory (extra_info oom=True) and remember it for the
+    saved JSON; the caller then skips the test."""
+    benchmark.extra_info.update(oom=True, oom_message=message[:500])
+    entry = {"name": benchmark.name, "fullname": benchmark.fullname, "group": benchmark.group,
+             "stats": None, "extra_info": dict(benchmark.extra_info)}
+    OOM_RECORDS.append(entry)
+    emit(entry)
+
+
+def release_memory():
+    """Drop what an out-of-memory attempt left behind before the next benchmark."""
+    gc.collect()

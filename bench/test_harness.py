@@ -1,0 +1,128 @@
+"""Checks of the benchmark machinery itself (run in CI with the cpu_subset):
+the FLOP count, the out-of-memory path, and the report on a real saved run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import pytest
+
+from bench import grid, harness, report
+from bench import test_attention_kernels as kernels
+
+pytestmark = pytest.mark.cpu_subset
+
+SAVED_CPU_RUN = Path(__file__).parent / "results" / "cpu_example.json"
+
+
+def _fake_benchmark():
+    """The fields of pytest-benchmark's fixture that the runner touches before timing."""
+    return SimpleNamespace(name="test_fake", fullname="bench/test_fake", group=None,
+                           extra_info={}, disabled=False)
+
+
+def test_flops_follow_the_documented_convention():
+    shape = grid.Shape(b=2, t=8, h=3, d=4, causal=False, dtype="bfloat16")
+    # n_products * 2 * B * H * Tq * Tk * D
+    assert grid.flops("double_backward", shape) == 12 * 2 * 2 * 3 * 8 * 8 * 4
+    assert grid.flops("forward", shape) == 2 * 2 * 2 * 3 * 8 * 8 * 4
+    causal = grid.Shape(b=2, t=8, h=3, d=4, causal=True, dtype="bfloat16")
+    assert grid.flops("backward", causal) == 5 * 2 * 2 * 3 * 8 * 8 * 4 / 2
+    with pytest.raises(ValueError, match="stage"):
+        grid.flops("triple_backward", shape)
+
+
+def test_grid_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("MGD_BENCH_T", "512, 2048")
+    monkeypatch.setenv("MGD_BENCH_CAUSAL", "1,0")
+    monkeypatch.setenv("MGD_BENCH_DTYPE", "float16")
+    shapes = grid.gpu_shapes()
+    assert sorted({(s.t, s.causal) for s in shapes}) == [
+        (512, False), (512, True), (2048, False), (2048, True)]
+    assert {s.dtype for s in shapes} == {"float16"}
+    monkeypatch.setenv("MGD_BENCH_T", "1k")
+    with pytest.raises(ValueError, match="MGD_BENCH_T"):
+        grid.gpu_shapes()
+
+
+def test_out_of_memory_is_recorded_then_skipped(monkeypatch):
+    benchmark = _fake_benchmark()
+    message = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 88.00GiB."
+
+    def exhausted(*args):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(kernels, "_stage_function", lambda *a: jax.jit(exhausted))
+    shape = grid.Shape(1, 32, 1, 16, True, "float32")
+    before = len(harness.OOM_RECORDS)
+    try:
+        with pytest.raises(pytest.skip.Exception, match="out of memory"):
+            kernels._bench(benchmark, "double_backward", "xla", shape)
+        assert benchmark.extra_info["oom"] is True
+        assert "RESOURCE_EXHAUSTED" in benchmark.extra_info["oom_message"]
+        assert len(harness.OOM_RECORDS) == before + 1
+        assert harness.OOM_RECORDS[-1]["extra_info"]["T"] == 32
+    finally:
+        del harness.OOM_RECORDS[before:]  # a fake point must not reach a saved run
+
+
+def test_other_errors_are_not_swallowed(monkeypatch):
+    benchmark = _fake_benchmark()
+    def broken(*args):
+        raise ValueError("a real bug")
+
+    monkeypatch.setattr(kernels, "_stage_function", lambda *a: jax.jit(broken))
+    with pytest.raises(ValueError, match="a real bug"):
+        kernels._bench(benchmark, "forward", "xla", grid.Shape(1, 32, 1, 16, True, "float32"))
+
+
+def test_report_on_a_saved_cpu_run(tmp_path):
+    saved = json.loads(SAVED_CPU_RUN.read_text())
+    # Add an out-of-memory point the way bench/conftest.py saves it.
+    donor = next(b for b in saved["benchmarks"]
+                 if b["extra_info"].get("stage") == "double_backward"
+                 and b["extra_info"].get("impl") == "xla")
+    oom_info = dict(donor["extra_info"], T=4096, oom=True, shape="b1-t4096-oom")
+    oom_info.pop("compiled_bytes", None)
+    saved["mgd_oom"] = [{"name": "test_double_backward[xla-oom]", "stats": None,
+                         "extra_info": oom_info}]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(saved))
+    out = tmp_path / "report"
+    assert report.main([str(run), "--out", str(out)]) == 0
+
+    text = (out / "report.md").read_text()
+    assert "## Attention kernels" in text and "## One metagradient round" in text
+    rows = [line for line in text.splitlines() if line.startswith("| double_backward")]
+    assert any("yes" in line and "b1-t4096-oom" in line for line in rows)
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert "double_backward_b1_h2_d32_causal_float32.png" in figures
+    assert "metagradient_round.png" in figures
+
+    frame = report.add_speedup(report.load([run]), ("xla",))
+    timed = frame[~frame["oom"] & (frame["impl"] == "xla") & frame["stage"].isin(
+        report.KERNEL_STAGES)]
+    assert (timed["speedup"] - 1.0).abs().max() < 1e-12  # xla is its own best reference
+    assert (timed["tflops"] > 0).all()
+
+
+def test_report_rejects_a_file_that_is_not_a_run(tmp_path, capsys):
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(SystemExit):
+        report.main([str(bogus), "--out", str(tmp_path / "out")])
+    assert "not a pytest-benchmark JSON" in capsys.readouterr().err
+
+
+def test_report_reads_the_jsonl_log(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    monkeypatch.setenv("MGD_BENCH_JSONL", str(log))
+    info = {"stage": "forward", "impl": "xla", "B": 1, "T": 64, "H": 1, "D": 16,
+            "causal": True, "dtype": "float32", "flops": 1e6, "shape": "s"}
+    harness.emit({"name": "a", "stats": {"median": 1e-3}, "extra_info": info})
+    harness.emit({"name": "b", "stats": None, "extra_info": dict(info, T=128, oom=True)})
+    frame = report.load([log])
+    assert sorted(frame["oom"]) == [False, True]
+    assert frame.loc[~frame["oom"], "tflops"].item() == pytest.approx(1e-3)
