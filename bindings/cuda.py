@@ -1,0 +1,163 @@
+"""The CUDA backend: the Hopper double-backward kernel (kernels/) through XLA FFI.
+
+Only the double backward runs the CUDA kernels of this package. The forward
+(with log-sum-exp) and first backward are delegated to the first reference backend
+of `mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Triton, then Pallas,
+then naive XLA): see kernels/DESIGN.md, "What is not ours yet".
+
+The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
+installed next to this file; its FFI target is registered with JAX on first use.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NAME = "cuda"
+TARGET = "mgd_attention_double_backward"
+LIBRARY = "libmgd_cuda.so"
+HEAD_DIMS = (64, 128)
+DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+def _library_candidates():
+    env = os.environ.get("MGD_CUDA_LIBRARY")
+    if env:
+        yield env
+    here = os.path.dirname(os.path.abspath(__file__))
+    yield os.path.join(here, LIBRARY)
+    # Editable installs keep the CMake-installed library outside the source tree.
+    package = sys.modules.get(__package__) if __package__ else None
+    for path in getattr(package, "__path__", []) or []:
+        yield os.path.join(str(path), LIBRARY)
+    try:
+        from importlib import resources
+        yield str(resources.files(__package__ or "mgd.bindings").joinpath(LIBRARY))
+    except Exception:  # noqa: BLE001 - any failure just means no candidate here
+        pass
+    import sysconfig
+    for key in ("platlib", "purelib"):
+        yield os.path.join(sysconfig.get_paths()[key], "mgd", "bindings", LIBRARY)
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(library, None) once the FFI target is registered, else (None, reason)."""
+    tried = []
+    for path in _library_candidates():
+        if path in tried:
+            continue
+        tried.append(path)
+        if os.path.isfile(path):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError as err:
+                return None, f"{path} cannot be loaded: {err}"
+            lib.MgdDoubleBackwardWorkspaceBytes.restype = ctypes.c_size_t
+            lib.MgdDoubleBackwardWorkspaceBytes.argtypes = [ctypes.c_int] * 3
+            jax.ffi.register_ffi_target(
+                TARGET, jax.ffi.pycapsule(lib.MgdAttentionDoubleBackward), platform="CUDA")
+            return lib, None
+    return None, ("the CUDA extension (libmgd_cuda.so) is not built: it needs nvcc >= 12.8 at "
+                  "install time (pip install . on a machine with CUDA); looked in "
+                  + ", ".join(tried))
+
+
+def _gpu_reason():
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if not gpus:
+        return f"needs an NVIDIA GPU; JAX sees only {jax.default_backend()} devices"
+    kind = getattr(gpus[0], "compute_capability", None)
+    if kind is not None and str(kind) not in ("9.0",):
+        return f"needs a Hopper GPU (compute capability 9.0), found {kind} ({gpus[0].device_kind})"
+    if kind is None and "H100" not in gpus[0].device_kind and "H200" not in gpus[0].device_kind \
+            and "H800" not in gpus[0].device_kind and "GH200" not in gpus[0].device_kind:
+        return f"needs a Hopper GPU (H100/H200), found {gpus[0].device_kind}"
+    return None
+
+
+def unavailable_reason(q, k, v, *, causal):
+    """None if the kernel can serve these inputs here, else why not."""
+    dtype = np.dtype(q.dtype)
+    if dtype not in DTYPES:
+        return f"dtype must be bfloat16 or float16, got {dtype.name}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim must be 64 or 128, got {q.shape[-1]}"
+    if tuple(k.shape) != tuple(q.shape) or tuple(v.shape) != tuple(q.shape):
+        return (f"query and key lengths must be equal (self-attention), got q {tuple(q.shape)}, "
+                f"k {tuple(k.shape)}")
+    reason = _gpu_reason()
+    if reason is not None:
+        return reason
+    _, reason = _load()
+    return reason
+
+
+def _require():
+    lib, reason = _load()
+    if lib is None:
+        from mgd.backends import BackendUnavailable
+        raise BackendUnavailable(f"impl='cuda': {reason}")
+    return lib
+
+
+def _nvtx_range(name):
+    """An NVTX range around the Python-side call, if the nvtx package is installed."""
+    try:
+        nvtx = importlib.import_module("nvtx")
+    except ImportError:
+        import contextlib
+        return contextlib.nullcontext()
+    return nvtx.annotate(name, color="green")
+
+
+def double_backward(q, k, v, o, lse, do, ddq, ddk, ddv, *, causal, scale):
+    """Cotangents (gq, gk, gv, gdo) of (q, k, v, do): three fused sweeps on Hopper."""
+    lib = _require()
+    *lead, t, h, d = q.shape
+    batch = int(np.prod(lead)) if lead else 1
+    workspace = int(lib.MgdDoubleBackwardWorkspaceBytes(batch, t, h))
+    like = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    outs = (like, like, like, like, jax.ShapeDtypeStruct((workspace,), jnp.uint8))
+    call = jax.ffi.ffi_call(TARGET, outs, vmap_method="broadcast_all")
+    with _nvtx_range(f"mgd.cuda.double_backward B={batch} T={t} H={h} D={d}"):
+        gq, gk, gv, gdo, _ = call(q, k, v, o, do, ddq, ddk, ddv, lse.astype(jnp.float32),
+                                  causal=np.int32(bool(causal)), scale=np.float32(scale))
+    return gq, gk, gv, gdo
+
+
+def _delegate_for(q, k, v, causal):
+    """The backend that serves forward and backward on this path: the first other
+    backend of `mgd.backends.AUTO_ORDER_GPU` (the measured order) that can serve."""
+    from mgd import backends
+    for name in backends.AUTO_ORDER_GPU:
+        if name == NAME:
+            continue
+        try:
+            module = backends.load(name)
+        except backends.BackendUnavailable:
+            continue
+        if module.unavailable_reason(q, k, v, causal=causal) is None:
+            return module
+    return importlib.import_module("mgd.reference.xla")
+
+
+def forward(q, k, v, *, causal, scale):
+    """(o, lse), delegated to a reference backend (not a kernel of this package yet)."""
+    return _delegate_for(q, k, v, causal).forward(q, k, v, causal=causal, scale=scale)
+
+
+def backward(q, k, v, o, lse, do, *, causal, scale, dlse=None):
+    """(dq, dk, dv), delegated to a reference backend (not a kernel of this package yet)."""
+    return _delegate_for(q, k, v, causal).backward(q, k, v, o, lse, do, causal=causal,
+                                                    scale=scale, dlse=dlse)

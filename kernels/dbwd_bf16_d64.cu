@@ -1,0 +1,6 @@
+// One instantiation per translation unit keeps the (parallel) build short.
+#include "dbwd_launch.cuh"
+
+namespace mgd {
+template cudaError_t launch_double_backward<cutlass::bfloat16_t, 64>(const DoubleBackwardArgs&, cudaStream_t);
+}  // namespace mgd

@@ -1,0 +1,170 @@
+"""The CUDA backend (mgd.bindings.cuda): equivalence with the float64 reference on a
+Hopper GPU, and honest unavailability everywhere else."""
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+
+import mgd
+from mgd import backends
+from mgd.bindings import cuda
+from tests.support import DTYPES, draw, hvp, reference_all, reference_hvp, rel_l2, tolerance
+
+
+def _qkv(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return [draw(rng, shape, dtype) for _ in range(3)]
+
+
+# ----------------------------------------------------------------------------- CPU
+
+def test_reports_unsupported_dtype():
+    q, k, v = _qkv((1, 8, 2, 64), jnp.float32)
+    assert "bfloat16 or float16" in cuda.unavailable_reason(q, k, v, causal=True)
+
+
+def test_reports_unsupported_head_dim():
+    q, k, v = _qkv((1, 8, 2, 32), jnp.bfloat16)
+    assert "head_dim must be 64 or 128, got 32" in cuda.unavailable_reason(q, k, v, causal=True)
+
+
+def test_reports_cross_attention():
+    q, _, _ = _qkv((1, 8, 2, 64), jnp.bfloat16)
+    k, v, _ = _qkv((1, 16, 2, 64), jnp.bfloat16)
+    assert "lengths must be equal" in cuda.unavailable_reason(q, k, v, causal=False)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU-only behaviour")
+def test_unavailable_on_cpu_names_the_gpu():
+    q, k, v = _qkv((1, 8, 2, 64), jnp.bfloat16)
+    reason = cuda.unavailable_reason(q, k, v, causal=True)
+    assert reason is not None and "GPU" in reason
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU-only behaviour")
+def test_explicit_impl_raises_with_reason_and_auto_falls_back():
+    q, k, v = _qkv((1, 8, 2, 64), jnp.bfloat16)
+    with pytest.raises(mgd.BackendUnavailable, match="impl='cuda'.*GPU"):
+        mgd.attention(q, k, v, impl="cuda")
+    assert "cuda" not in mgd.available(q, k, v)
+    out = mgd.attention(q, k, v, impl="auto")
+    assert out.shape == q.shape and np.all(np.isfinite(np.asarray(out, np.float32)))
+
+
+def test_missing_library_reason_says_how_to_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("MGD_CUDA_LIBRARY", str(tmp_path / "nowhere.so"))
+    monkeypatch.setattr(cuda, "_library_candidates", lambda: iter([str(tmp_path / "x.so")]))
+    cuda._load.cache_clear()
+    try:
+        lib, reason = cuda._load()
+        assert lib is None and "not built" in reason and "nvcc" in reason
+    finally:
+        cuda._load.cache_clear()
+
+
+def test_forward_and_backward_are_delegated_to_a_backend_that_serves():
+    q, k, v = _qkv((1, 8, 2, 64), jnp.bfloat16)
+    module = cuda._delegate_for(q, k, v, True)
+    assert module.NAME != "cuda" and module.unavailable_reason(q, k, v, causal=True) is None
+    o, lse = cuda.forward(q, k, v, causal=True, scale=0.125)
+    o_ref, lse_ref = mgd.attention_forward(q, k, v, scale=0.125, impl="xla")
+    assert rel_l2(o, o_ref) < tolerance("bfloat16", 0)
+    assert rel_l2(lse, lse_ref) < tolerance("float32", 0)
+
+
+def test_registered_in_backends():
+    assert backends.MODULES["cuda"] == "mgd.bindings.cuda"
+    assert cuda.NAME == "cuda"
+
+
+# ----------------------------------------------------------------------------- GPU
+
+_LENGTHS = st.sampled_from([1, 7, 63, 64, 65, 127, 128, 129, 200, 255, 257, 385])
+
+
+@st.composite
+def _cases(draw_):
+    return dict(b=draw_(st.integers(1, 2)), t=draw_(_LENGTHS), h=draw_(st.integers(1, 3)),
+                d=draw_(st.sampled_from([64, 128])), causal=draw_(st.booleans()),
+                dtype=draw_(st.sampled_from(["bfloat16", "float16"])),
+                seed=draw_(st.integers(0, 2**31 - 1)))
+
+
+def _check_double_backward(b, t, h, d, causal, dtype, seed):
+    dt = DTYPES[dtype]
+    rng = np.random.default_rng(seed)
+    shape = (b, t, h, d)
+    q, k, v, do, ddq, ddk, ddv = (draw(rng, shape, dt) for _ in range(7))
+    (o, lse), _, expected = reference_all(q, k, v, do, ddq, ddk, ddv, causal=causal)
+    o = jnp.asarray(o, jnp.float32).astype(dt)
+    lse = jnp.asarray(lse, jnp.float32)
+    got = jax.jit(lambda *a: cuda.double_backward(*a, causal=causal, scale=1 / np.sqrt(d)))(
+        q, k, v, o, lse, do, ddq, ddk, ddv)
+    for name, x, ref in zip(("gq", "gk", "gv", "gdo"), got, expected):
+        assert x.dtype == dt and x.shape == shape
+        if t == 1 and name in ("gq", "gk"):
+            # With one key per row the softmax is constant in q and k, so gq and gk
+            # are exactly zero and only rounding noise is left: bound that noise
+            # by the size of an output that does not vanish.
+            ref = np.zeros_like(ref)
+            err = float(np.linalg.norm(np.asarray(x, np.float64))
+                        / np.linalg.norm(np.asarray(expected[3], np.float64)))
+        else:
+            err = rel_l2(x, ref)
+        assert err < tolerance(dtype, 2), (name, err, dict(b=b, t=t, h=h, d=d, causal=causal))
+
+
+@pytest.mark.gpu
+@given(_cases())
+def test_double_backward_matches_float64(case):
+    _check_double_backward(**case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1000, 2048])
+@pytest.mark.parametrize("d", [64, 128])
+def test_double_backward_long_causal(t, d):
+    _check_double_backward(1, t, 2, d, True, "bfloat16", seed=t + d)
+
+
+@pytest.mark.gpu
+def test_vmap_folds_into_batch():
+    rng = np.random.default_rng(3)
+    shape = (3, 2, 70, 2, 64)
+    q, k, v, do, ddq, ddk, ddv = (draw(rng, shape, jnp.bfloat16) for _ in range(7))
+    o, lse = jax.vmap(lambda q, k, v: mgd.attention_forward(q, k, v, impl="xla"))(q, k, v)
+    f = lambda *a: cuda.double_backward(*a, causal=True, scale=0.125)  # noqa: E731
+    batched = jax.vmap(f)(q, k, v, o, lse, do, ddq, ddk, ddv)
+    for i in range(shape[0]):
+        single = f(q[i], k[i], v[i], o[i], lse[i], do[i], ddq[i], ddk[i], ddv[i])
+        for x, y in zip(batched, single):
+            np.testing.assert_array_equal(np.asarray(x[i], np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.gpu
+@given(_cases())
+def test_grad_of_grad_through_attention(case):
+    """Reverse-over-reverse HVP of a loss nonlinear in O, through impl='cuda'."""
+    dt = DTYPES[case["dtype"]]
+    rng = np.random.default_rng(case["seed"])
+    shape = (case["b"], case["t"], case["h"], case["d"])
+    q, k, v, uq, uk, uv = (draw(rng, shape, dt) for _ in range(6))
+    c = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    attn = lambda q, k, v: mgd.attention(q, k, v, causal=case["causal"], impl="cuda")  # noqa: E731
+    got = hvp(attn, q, k, v, c, uq.astype(jnp.float32), uk.astype(jnp.float32),
+              uv.astype(jnp.float32))
+    expected = reference_hvp(q, k, v, c, uq, uk, uv, causal=case["causal"])
+    # The product chains a forward, a backward, the double backward and a second
+    # backward through dO = cos(O) * c: twice the double backward's rounding budget.
+    for name, x, ref in zip(("q", "k", "v"), got, expected):
+        if case["t"] == 1 and name in ("q", "k"):
+            # One key per row: O = V whatever q and k are, so these parts are exactly
+            # zero; bound the rounding noise by the part that does not vanish.
+            err = float(np.linalg.norm(np.asarray(x, np.float64)) / np.linalg.norm(expected[2]))
+        else:
+            err = rel_l2(x, ref)
+        assert err < 2 * tolerance(case["dtype"], 2), (name, err, case)
