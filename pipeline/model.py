@@ -1,0 +1,208 @@
+"""A small decoder-only transformer in JAX, readable in one sitting.
+
+Pre-norm blocks (RMSNorm), rotary positions, a GELU MLP, tied input/output
+embeddings, no biases. Parameters are float32 (or whatever `param_dtype` says);
+matrix products run in `compute_dtype` (bf16 by default) with float32
+accumulation, and the residual stream, norms and softmax statistics stay in
+float32. Attention goes through `mgd.attention`, so `attention_impl` picks the
+kernel whose backward and double backward the metagradient runs through.
+
+The layers are stacked along a leading axis and run with `lax.scan`: one
+compiled block regardless of depth.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mgd
+
+__all__ = ["GPTConfig", "init_params", "forward", "per_example_loss", "token_losses",
+           "features", "bits_per_byte", "param_count"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    seq_len: int
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    d_ff: int | None = None            # 4 * d_model when None
+    attention_impl: str = "auto"       # "xla", "pallas", "triton", "cuda" or "auto"
+    compute_dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    rope_base: float = 10_000.0
+    loss_chunk: int = 1024             # tokens per cross-entropy chunk
+    remat_blocks: bool = True          # recompute each block's activations in the backward
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "loss_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"GPTConfig.d_model ({self.d_model}) must be divisible by "
+                             f"n_head ({self.n_head})")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("GPTConfig: head dim d_model // n_head must be even for rotary")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def cdtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def acc_dtype(self):
+        # float32 for bf16/fp16/fp32 compute; float64 stays float64 (the gradient checks).
+        return jnp.promote_types(self.cdtype, jnp.float32)
+
+
+def init_params(cfg: GPTConfig, key) -> dict:
+    """Normal(0, init_std) weights; output projections scaled by 1/sqrt(2 n_layer)
+    so the residual stream's variance does not grow with depth; norm scales 1."""
+    d, n, ff = cfg.d_model, cfg.n_layer, cfg.ff
+    pdt = jnp.dtype(cfg.param_dtype)
+    k = jax.random.split(key, 5)
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * n)
+
+    def normal(key, shape, s):
+        return (s * jax.random.normal(key, shape, jnp.float32)).astype(pdt)
+
+    return {
+        "embed": normal(k[0], (cfg.vocab_size, d), std),
+        "blocks": {
+            "norm1": jnp.ones((n, d), pdt),
+            "wqkv": normal(k[1], (n, d, 3 * d), std),
+            "wo": normal(k[2], (n, d, d), out_std),
+            "norm2": jnp.ones((n, d), pdt),
+            "w_up": normal(k[3], (n, d, ff), std),
+            "w_down": normal(k[4], (n, ff, d), out_std),
+        },
+        "norm_f": jnp.ones((d,), pdt),
+    }
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _rms_norm(x, scale, out_dtype):
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    return (y * scale.astype(y.dtype)).astype(out_dtype)
+
+
+def _matmul(x, w, cfg):
+    return jnp.einsum("...i,io->...o", x.astype(cfg.cdtype), w.astype(cfg.cdtype),
+                      preferred_element_type=cfg.acc_dtype)
+
+
+def _rotary(x, base):
+    """Rotate channel pairs (i, i + D/2) of [B, T, H, D] by position-dependent angles."""
+    t, dh = x.shape[1], x.shape[-1]
+    inv_freq = base ** (-np.arange(0, dh // 2, dtype=np.float64) * 2 / dh)
+    angles = np.arange(t, dtype=np.float64)[:, None] * inv_freq[None, :]      # [T, D/2]
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    cos = jnp.asarray(np.cos(angles), acc)[None, :, None, :]
+    sin = jnp.asarray(np.sin(angles), acc)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(acc), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+def _block(x, p, cfg: GPTConfig):
+    b, t, d = x.shape
+    h = _rms_norm(x, p["norm1"], cfg.cdtype)
+    qkv = _matmul(h, p["wqkv"], cfg).astype(cfg.cdtype).reshape(b, t, 3, cfg.n_head, cfg.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k = _rotary(q, cfg.rope_base), _rotary(k, cfg.rope_base)
+    o = mgd.attention(q, k, v, causal=True, impl=cfg.attention_impl)
+    x = x + _matmul(o.reshape(b, t, d), p["wo"], cfg)
+    h = _rms_norm(x, p["norm2"], cfg.cdtype)
+    # Cast before the nonlinearity: its input is what the backward keeps, and the
+    # widest activation of the block is better kept in compute dtype.
+    up = jax.nn.gelu(_matmul(h, p["w_up"], cfg).astype(cfg.cdtype))
+    return x + _matmul(up, p["w_down"], cfg)
+
+
+def forward(params, tokens, cfg: GPTConfig):
+    """Final hidden states [N, T, d] (after the last norm, in compute dtype) for
+    int tokens [N, T]."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if tokens.shape[1] > cfg.seq_len:
+        raise ValueError(f"tokens have {tokens.shape[1]} positions, more than "
+                         f"GPTConfig.seq_len={cfg.seq_len}")
+    x = params["embed"][tokens].astype(cfg.acc_dtype)
+
+    def body(x, p):
+        return _block(x, p, cfg), None
+
+    if cfg.remat_blocks:
+        body = jax.checkpoint(body)
+    x, _ = jax.lax.scan(body, x, params["blocks"])
+    return _rms_norm(x, params["norm_f"], cfg.cdtype)
+
+
+def token_losses(params, hidden, targets, cfg: GPTConfig):
+    """Cross-entropy (nats) of each target token under the tied output layer.
+
+    hidden [..., d], targets [...]. Logits are formed `loss_chunk` tokens at a
+    time, and each chunk is recomputed in the backward pass, so neither pass holds
+    the full [tokens, vocab] matrix.
+    """
+    lead = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1).astype(jnp.int32)
+    m, c = h.shape[0], cfg.loss_chunk
+    embed = params["embed"].astype(cfg.cdtype)
+
+    @jax.checkpoint
+    def chunk(hc, tc):
+        logits = jnp.einsum("cd,vd->cv", hc, embed, preferred_element_type=cfg.acc_dtype)
+        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    if m <= c:
+        return chunk(h, t).reshape(lead)
+    n_chunks = -(-m // c)
+    pad = n_chunks * c - m
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, c, -1)
+    t = jnp.pad(t, (0, pad)).reshape(n_chunks, c)
+    losses = jax.lax.map(lambda args: chunk(*args), (h, t))
+    return losses.reshape(-1)[:m].reshape(lead)
+
+
+def per_example_loss(params, seqs, cfg: GPTConfig):
+    """Mean next-token cross-entropy (nats) of each [L+1] row: [N], float32 or wider."""
+    seqs = jnp.asarray(seqs)
+    if seqs.ndim != 2 or seqs.shape[1] < 2:
+        raise ValueError(f"seqs must be [N, L+1] with L >= 1, got shape {seqs.shape}")
+    hidden = forward(params, seqs[:, :-1], cfg)
+    return jnp.mean(token_losses(params, hidden, seqs[:, 1:], cfg), axis=-1)
+
+
+def features(params, seqs, cfg: GPTConfig):
+    """Mean-pooled final hidden state of each row's inputs: [N, d] float32."""
+    seqs = jnp.asarray(seqs)
+    hidden = forward(params, seqs[:, :-1], cfg)
+    return jnp.mean(hidden.astype(jnp.float32), axis=1)
+
+
+def bits_per_byte(loss_nats_per_token, bytes_per_token):
+    """Convert a mean token loss to bits per UTF-8 byte (tokenizer-independent)."""
+    if bytes_per_token <= 0:
+        raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
+    return loss_nats_per_token / math.log(2) / bytes_per_token

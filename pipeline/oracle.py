@@ -1,0 +1,322 @@
+"""The metagradient oracle: how much would training on each sequence help the target?
+
+A labeling round takes k training rows x_1..x_k, starts from the base model
+theta_0, and runs T steps of Adam on
+
+    L_train(theta; w) = sum_i w_i * loss_i(theta) / k,        w = (1, ..., 1),
+
+then evaluates Phi(w) = mean loss of theta_T(w) on a batch of the metagradient
+target set. tau = dPhi/dw (reverse mode through all T steps, hence second
+derivatives of the model, hence the attention double backward); the score is
+s = -tau: up-weighting a row with high s lowers the target loss.
+
+Making this fit in memory:
+  * Adam must be differentiable at nu = 0: the epsilon sits inside the square
+    root (`eps_root` > 0), otherwise d sqrt(nu)/d nu is infinite.
+  * The T steps are a `lax.scan` of `jax.checkpoint`ed steps, nested once
+    (`segments` outer steps of T/segments inner ones), so the backward pass keeps
+    about 2 sqrt(T) optimizer states instead of T.
+  * Each step's gradient over the k rows is accumulated over micro-batches of
+    `micro_batch` rows, each one rematerialized, so activations for only one
+    micro-batch are live at a time (and the accumulator, being linear, needs no
+    stored residual per micro-batch).
+
+`label` runs many rounds, data-parallel over the local devices (one round per
+device at a time, parameters replicated), z-scores the scores within each round
+and averages them per row over the rounds the row appeared in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mgd.pipeline import artifacts
+from mgd.pipeline.model import GPTConfig, per_example_loss
+
+__all__ = ["OracleConfig", "metagradient_round", "make_round_fn", "plan_rounds", "zscore",
+           "aggregate", "label", "Labels"]
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    k: int = 64                       # rows per round
+    inner_steps: int = 8              # T
+    inner_lr: float = 1e-4
+    rounds: int = 64
+    target_batch: int = 64            # target rows Phi is measured on, per round
+    seed: int = 0
+    micro_batch: int | None = None    # rows per gradient micro-batch (None: all k at once)
+    target_micro_batch: int | None = None  # target rows per Phi chunk (None: all at once)
+    segments: int | None = None       # outer remat segments of the inner loop (None: ~sqrt(T))
+    eps_root: float = 1e-12
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    pool_size: int | None = None      # label a random subset of this many rows (None: all)
+
+    def __post_init__(self):
+        for name in ("k", "inner_steps", "rounds", "target_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OracleConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eps_root <= 0:
+            raise ValueError("OracleConfig.eps_root must be > 0: Adam is not differentiable "
+                             f"at nu = 0 otherwise (got {self.eps_root})")
+        if self.micro_batch is not None and (self.micro_batch < 1 or self.k % self.micro_batch):
+            raise ValueError(f"OracleConfig.micro_batch ({self.micro_batch}) must divide "
+                             f"k ({self.k})")
+
+
+def _mean_loss(params, seqs, cfg, micro):
+    """Mean per-row loss, `micro` rows at a time (each chunk rematerialized)."""
+    n = seqs.shape[0]
+    if micro is None or micro >= n:
+        return jnp.mean(per_example_loss(params, seqs, cfg))
+    if n % micro:
+        raise ValueError(f"micro-batch {micro} must divide the {n} rows")
+    chunks = seqs.reshape(n // micro, micro, seqs.shape[1])
+    sums = jax.lax.map(jax.checkpoint(lambda x: jnp.sum(per_example_loss(params, x, cfg))),
+                       chunks)
+    return jnp.sum(sums) / n
+
+
+def _weighted_grad(params, w, seqs, cfg, micro):
+    """Gradient of sum_i w_i loss_i / k, accumulated over micro-batches."""
+    k = seqs.shape[0]
+
+    def loss(p, w_mb, x_mb):
+        return jnp.sum(w_mb * per_example_loss(p, x_mb, cfg)) / k
+
+    if micro is None or micro >= k:
+        return jax.grad(loss)(params, w, seqs)
+    grad_mb = jax.checkpoint(jax.grad(loss))
+
+    def body(acc, xs):
+        return jax.tree_util.tree_map(jnp.add, acc, grad_mb(params, *xs)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    xs = (w.reshape(k // micro, micro), seqs.reshape(k // micro, micro, seqs.shape[1]))
+    return jax.lax.scan(body, zeros, xs)[0]
+
+
+def _checkpointed_steps(step, carry, n):
+    if n == 0:
+        return carry
+    return jax.lax.scan(jax.checkpoint(lambda c, _: (step(c), None)), carry, None, length=n)[0]
+
+
+def _nested_steps(step, carry, steps, segments):
+    """`steps` applications of `step`, as `segments` checkpointed segments of
+    checkpointed steps (plus a tail when `segments` does not divide `steps`)."""
+    segments = max(1, min(segments, steps))
+    per = steps // segments
+    segment = jax.checkpoint(lambda c, _: (_checkpointed_steps(step, c, per), None))
+    carry = jax.lax.scan(segment, carry, None, length=segments)[0]
+    return _checkpointed_steps(step, carry, steps - segments * per)
+
+
+def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, inner_steps: int,
+                       inner_lr: float, *, micro_batch=None, target_micro_batch=None,
+                       segments=None, eps_root=1e-12, b1=0.9, b2=0.999, eps=1e-8,
+                       return_phi=False):
+    """tau = dPhi/dw [k] at w = 1 for one round (see the module docstring). Jittable:
+    all keyword arguments and `model_cfg`, `inner_steps` are static.
+
+    The inner loop is rematerialized as nested scans: `segments` outer segments
+    (~sqrt(T) when None), so about 2 sqrt(T) optimizer states are kept.
+    """
+    if inner_steps < 1:
+        raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
+    if eps_root <= 0:
+        raise ValueError(f"eps_root must be > 0 for a differentiable Adam, got {eps_root}")
+    train_seqs = jnp.asarray(train_seqs)
+    target_seqs = jnp.asarray(target_seqs)
+    k = train_seqs.shape[0]
+    opt = optax.adam(inner_lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    segments = segments or max(1, round(math.sqrt(inner_steps)))
+
+    def phi(w):
+        def step(carry):
+            theta, state = carry
+            g = _weighted_grad(theta, w, train_seqs, model_cfg, micro_batch)
+            updates, state = opt.update(g, state, theta)
+            return optax.apply_updates(theta, updates), state
+
+        theta, _ = _nested_steps(step, (params, opt.init(params)), inner_steps, segments)
+        return _mean_loss(theta, target_seqs, model_cfg, target_micro_batch)
+
+    w = jnp.ones((k,), jnp.result_type(*jax.tree_util.tree_leaves(params)))
+    value, tau = jax.value_and_grad(phi)(w)
+    return (tau, value) if return_phi else tau
+
+
+@lru_cache(maxsize=16)
+def make_round_fn(model_cfg: GPTConfig, oc: OracleConfig, target_micro_batch=None):
+    """fn(params, train_seqs [k, L+1], target_seqs [m, L+1]) -> (tau [k], phi), jitted.
+    `target_micro_batch` overrides `oc.target_micro_batch`."""
+    target_micro_batch = target_micro_batch or oc.target_micro_batch
+    def round_fn(params, train_seqs, target_seqs):
+        return metagradient_round(
+            params, model_cfg, train_seqs, target_seqs, oc.inner_steps, oc.inner_lr,
+            micro_batch=oc.micro_batch, target_micro_batch=target_micro_batch,
+            segments=oc.segments, eps_root=oc.eps_root, b1=oc.b1,
+            b2=oc.b2, eps=oc.eps,
+            return_phi=True)
+
+    return jax.jit(round_fn)
+
+
+def zscore(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    mu = x.mean(axis=axis, keepdims=True)
+    sd = x.std(axis=axis, keepdims=True)
+    return np.where(sd > 0, (x - mu) / np.where(sd > 0, sd, 1.0), 0.0)
+
+
+def plan_rounds(n_rows: int, oc: OracleConfig, n_target: int):
+    """(round_indices [R, k], round_targets [R, m]): each epoch is a fresh
+    permutation of the labeled pool cut into rounds of k, so rows are covered
+    evenly and no round holds a row twice."""
+    rng = np.random.default_rng([oc.seed, 7])
+    pool = np.arange(n_rows)
+    if oc.pool_size is not None and oc.pool_size < n_rows:
+        pool = np.sort(rng.choice(n_rows, oc.pool_size, replace=False))
+    if oc.k > len(pool):
+        raise ValueError(f"OracleConfig.k ({oc.k}) exceeds the {len(pool)} rows to label")
+    rounds = []
+    while len(rounds) < oc.rounds:
+        perm = rng.permutation(pool)
+        rounds.extend(perm[i * oc.k:(i + 1) * oc.k] for i in range(len(perm) // oc.k))
+    m = min(oc.target_batch, n_target)
+    targets = np.stack([rng.choice(n_target, m, replace=False) for _ in range(oc.rounds)])
+    return np.stack(rounds[:oc.rounds]), targets
+
+
+def aggregate(round_indices, round_tau):
+    """(indices [M], scores [M], counts [M]): s = -tau z-scored per round, then
+    averaged over the rounds each row appears in."""
+    z = zscore(-np.asarray(round_tau), axis=1)
+    flat_i = np.asarray(round_indices).reshape(-1)
+    indices, inverse, counts = np.unique(flat_i, return_inverse=True, return_counts=True)
+    scores = np.bincount(inverse, weights=z.reshape(-1), minlength=len(indices)) / counts
+    return indices, scores, counts
+
+
+@dataclass
+class Labels:
+    indices: np.ndarray        # [M] corpus rows labeled
+    scores: np.ndarray         # [M] mean within-round z-score of s = -tau
+    counts: np.ndarray         # [M] rounds each row appeared in
+    round_ids: np.ndarray      # [R]
+    round_indices: np.ndarray  # [R, k] rows of each round
+    round_tau: np.ndarray      # [R, k] raw tau
+    round_phi: np.ndarray      # [R] Phi after the inner steps
+    round_targets: np.ndarray  # [R, m] target rows Phi was measured on
+
+    @classmethod
+    def load(cls, run_dir) -> "Labels":
+        path = Path(run_dir) / "oracle"
+        if not (path / "DONE").exists():
+            raise FileNotFoundError(f"no complete oracle labels in {path}")
+        a = artifacts.load_arrays(path / "labels.npz")
+        return cls(**{f.name: a[f.name] for f in dataclasses.fields(cls)})
+
+
+@lru_cache(maxsize=8)
+def _sharded_round_fn(model_cfg, oc, devices):
+    """One round per device: params replicated, the round axis split over `devices`.
+    Cached, so labeling twice in one process compiles once."""
+    mesh = Mesh(np.array(devices), ("r",))
+    round_fn = make_round_fn(model_cfg, oc)
+
+    def per_device(params, train, target):
+        tau, phi = round_fn(params, train[0], target[0])
+        return tau[None], phi[None]
+
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("r"), P("r")),
+                                 out_specs=(P("r"), P("r")), check_vma=False))
+
+
+def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_dir,
+          progress=True, devices=None) -> Labels:
+    """Label corpus rows with metagradient scores; persisted under `run_dir/oracle/`.
+
+    Finished rounds are saved to `run_dir/oracle_partial.npz` as they complete,
+    so a killed run resumes where it stopped.
+    """
+    oc = oracle_cfg
+    st = artifacts.stage(run_dir, "oracle")
+    if st.done:
+        saved = artifacts.read_json(st.path / "config.json")
+        if saved != dataclasses.asdict(oc):
+            raise ValueError(f"{st.path} holds labels for another OracleConfig: {saved}")
+        return Labels.load(run_dir)
+    tokens, targets = np.asarray(corpus.tokens), np.asarray(corpus.target_tokens)
+    round_indices, round_targets = plan_rounds(len(tokens), oc, len(targets))
+
+    devices = tuple(devices or jax.local_devices())
+    mesh = Mesh(np.array(devices), ("r",))
+    fn = _sharded_round_fn(model_cfg, oc, devices)
+    replicated = NamedSharding(mesh, P())
+    split = NamedSharding(mesh, P("r"))
+    params = jax.device_put(params, replicated)
+
+    partial_path = Path(run_dir) / "oracle_partial.npz"
+    tau = np.full(round_indices.shape, np.nan)
+    phi = np.full(len(round_indices), np.nan)
+    done = 0
+    if partial_path.exists():
+        saved = artifacts.load_arrays(partial_path)
+        if np.array_equal(saved["round_indices"], round_indices):
+            done = int(saved["done"])
+            tau[:done], phi[:done] = saved["round_tau"][:done], saved["round_phi"][:done]
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=oc.rounds, initial=done, desc="oracle rounds", dynamic_ncols=True)
+    n_dev = len(devices)
+    while done < oc.rounds:
+        ids = np.arange(done, done + n_dev)
+        ids = np.minimum(ids, oc.rounds - 1)  # pad the last group by repeating a round
+        t0 = time.perf_counter()
+        out_tau, out_phi = fn(params, jax.device_put(tokens[round_indices[ids]], split),
+                              jax.device_put(targets[round_targets[ids]], split))
+        out_tau, out_phi = np.asarray(out_tau), np.asarray(out_phi)
+        if not np.all(np.isfinite(out_tau)):
+            raise FloatingPointError(f"non-finite metagradient in rounds {ids.tolist()}; "
+                                     "lower inner_lr or raise eps_root")
+        n_new = min(n_dev, oc.rounds - done)
+        tau[done:done + n_new], phi[done:done + n_new] = out_tau[:n_new], out_phi[:n_new]
+        done += n_new
+        artifacts.atomic_save_arrays(partial_path, round_indices=round_indices,
+                                     round_tau=tau, round_phi=phi, done=np.int64(done))
+        if bar is not None:
+            bar.update(n_new)
+            bar.set_postfix(phi=f"{out_phi[:n_new].mean():.4f}",
+                            s_per_round=f"{(time.perf_counter() - t0) / n_new:.2f}")
+    if bar is not None:
+        bar.close()
+
+    indices, scores, counts = aggregate(round_indices, tau)
+    labels = Labels(indices=indices, scores=scores, counts=counts,
+                    round_ids=np.arange(oc.rounds), round_indices=round_indices,
+                    round_tau=tau, round_phi=phi, round_targets=round_targets)
+    with st as tmp:
+        artifacts.atomic_save_arrays(tmp / "labels.npz", **dataclasses.asdict(labels))
+        artifacts.atomic_write_json(tmp / "config.json", dataclasses.asdict(oc))
+        artifacts.atomic_write_json(tmp / "summary.json", {
+            "rounds": oc.rounds, "labeled_rows": int(len(indices)),
+            "mean_rounds_per_row": float(counts.mean()), "devices": n_dev,
+            "phi_mean": float(np.mean(phi))})
+    partial_path.unlink(missing_ok=True)
+    return labels

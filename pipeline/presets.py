@@ -1,0 +1,132 @@
+"""Named experiment sizes for `mgd run --preset NAME`.
+
+A preset fixes every knob of the run: corpus sizes, model, base training, the
+metagradient oracle, the distilled scorer, the baselines and continued pretraining.
+Command-line options override only the corpus sources, the target, the budget, the
+seed count and the attention kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+HUB_ONTARGET = "hf:MedRAG/pubmed::contents"
+HUB_OFFTARGET = "hf:allenai/c4:en:text"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    corpus: dict                  # CorpusConfig fields (sources are filled in by the run)
+    model: dict                   # GPTConfig fields except vocab_size / seq_len
+    base_train: dict              # TrainConfig fields for the base model
+    oracle: dict                  # OracleConfig fields
+    population: dict              # PopulationConfig fields (perplexity correlations)
+    population_train: dict        # ContinuedConfig fields for each population model
+    continued: dict               # ContinuedConfig fields for the final comparison
+    # loss_feature: append the base model's per-sequence loss (same forward pass) to the
+    # mean-pooled hidden state; see scorer.features_with_loss.
+    scorer: dict = field(default_factory=lambda: {"regressors": ("ridge", "mlp"),
+                                                  "mlp_hidden": 256, "holdout_fraction": 0.2,
+                                                  "loss_feature": True})
+    dsir: dict = field(default_factory=lambda: {"ngrams": 2, "num_buckets": 10_000})
+    budget: float = 0.10          # fraction of the corpus (<= 1) or training tokens (> 1)
+    seeds: int = 3
+    feature_batch: int = 256
+    loss_batch: int = 256
+    expected_time: str = ""
+
+    def replace(self, **kw) -> "Preset":
+        return dataclasses.replace(self, **kw)
+
+
+def smoke() -> Preset:
+    """Every stage and every baseline at toy scale: at most 5 minutes on 2 CPU cores.
+
+    The numbers are those of a toy (a 1-layer, 32-wide model trained for 300 steps, 48
+    oracle rounds); it checks that the whole pipeline runs and resumes. Measured here:
+    about 40 s with a warm JAX compilation cache, about 2 minutes with a cold one.
+    """
+    return Preset(
+        name="smoke",
+        corpus=dict(n_ontarget=600, n_offtarget=600, n_corrupt=300, n_target=64, n_eval=64,
+                    seq_len=32, vocab_size=512, tokenizer_train_docs=400, max_docs=2000),
+        model=dict(n_layer=1, n_head=2, d_model=32, compute_dtype="float32"),
+        base_train=dict(steps=300, batch_size=16, lr=3e-3, warmup=20, eval_every=0,
+                        ckpt_every=50),
+        oracle=dict(k=32, inner_steps=4, inner_lr=1e-3, rounds=48, target_batch=32,
+                    pool_size=512),
+        population=dict(n_models=4, n_domains=4, rows_per_model=256),
+        population_train=dict(batch_size=16, lr=1e-3, warmup=2, epochs=1.0, n_evals=1),
+        continued=dict(batch_size=16, lr=1e-3, warmup=2, epochs=2.0, n_evals=4),
+        scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 32, "holdout_fraction": 0.2,
+                "loss_feature": True},
+        dsir={"ngrams": 2, "num_buckets": 2048},
+        expected_time="3-5 minutes on 2 CPU cores (plus JAX compilation on a cold cache)",
+    )
+
+
+def demo() -> Preset:
+    """The demonstration on one H200: at most 8 minutes end to end.
+
+    28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
+    256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models
+    for perplexity correlations, 3 seeds x 7 methods of continued pretraining.
+    """
+    return Preset(
+        name="demo",
+        corpus=dict(n_ontarget=8000, n_offtarget=16000, n_corrupt=4000, n_target=512,
+                    n_eval=1024, seq_len=128, vocab_size=8192, tokenizer_train_docs=3000),
+        model=dict(n_layer=4, n_head=4, d_model=256, compute_dtype="bfloat16"),
+        base_train=dict(steps=1500, batch_size=64, lr=1e-3, warmup=100, eval_every=0,
+                        ckpt_every=500),
+        oracle=dict(k=256, inner_steps=8, inner_lr=3e-4, rounds=256, target_batch=128,
+                    pool_size=8192),
+        population=dict(n_models=16, n_domains=8, rows_per_model=4096),
+        population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
+        continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
+        feature_batch=512, loss_batch=512,
+        expected_time="5-8 minutes on one H200, most of it compilation, the oracle and "
+                      "DSIR's single-process n-gram pass",
+    )
+
+
+def full() -> Preset:
+    """The seed experiment at a real scale (GPT-2-small-like model, 512-token sequences,
+    700k sequences streamed from PubMed and C4 on the hub).
+
+    Expected time, estimated rather than measured: about 10-14 hours on one H200. Base
+    pretraining (20k steps of 256 x 512 tokens, ~2.6B tokens, single device) is ~3-4 h;
+    the oracle (4096 rounds, data-parallel over local GPUs) ~2-3 h on one GPU; the
+    population (32 models) ~2 h; continued pretraining (21 runs) ~2 h; DSIR's single-
+    process n-gram pass over 700k sequences ~15 min; streaming up to 1M documents per
+    source from the hub, ~30-60 min depending on the network.
+    """
+    return Preset(
+        name="full",
+        corpus=dict(n_ontarget=200_000, n_offtarget=400_000, n_corrupt=100_000,
+                    n_target=4096, n_eval=8192, seq_len=512, vocab_size=32768,
+                    tokenizer_train_docs=50_000, max_docs=1_000_000),
+        model=dict(n_layer=12, n_head=12, d_model=768, compute_dtype="bfloat16"),
+        base_train=dict(steps=20_000, batch_size=256, lr=6e-4, warmup=1000, eval_every=0,
+                        ckpt_every=1000),
+        oracle=dict(k=1024, inner_steps=16, inner_lr=1e-4, rounds=4096, target_batch=512,
+                    pool_size=200_000, micro_batch=128),
+        population=dict(n_models=32, n_domains=16, rows_per_model=64_000),
+        population_train=dict(batch_size=128, lr=3e-4, warmup=50, epochs=1.0, n_evals=1),
+        continued=dict(batch_size=128, lr=3e-4, warmup=100, epochs=1.0, n_evals=10),
+        scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 512, "holdout_fraction": 0.1,
+                "loss_feature": True},
+        dsir={"ngrams": 2, "num_buckets": 10_000},
+        feature_batch=256, loss_batch=256,
+        expected_time="about 10-14 hours on one H200 (estimate)",
+    )
+
+
+PRESETS = {"smoke": smoke, "demo": demo, "full": full}
+
+
+def get(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()

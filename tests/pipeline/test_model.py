@@ -1,0 +1,131 @@
+"""The transformer: chunked loss against full logits, causality, rotary, dtypes, routing."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mgd
+from mgd.pipeline import model
+
+F64 = model.GPTConfig(vocab_size=97, seq_len=24, n_layer=2, n_head=2, d_model=16,
+                      attention_impl="xla", compute_dtype="float64", param_dtype="float64",
+                      loss_chunk=13)
+
+
+def _rows(n, cfg, seed=0):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (n, cfg.seq_len + 1)).astype(np.int32)
+
+
+def _perturbed(params, seed=1, scale=0.3):
+    """Away from init (norm scales 1, small weights) so the checks are not degenerate."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+def _naive_losses(params, seqs, cfg):
+    """Independent reference: the full [N, L, V] logits and log-softmax."""
+    h = model.forward(params, seqs[:, :-1], cfg)
+    logits = jnp.einsum("ntd,vd->ntv", h, params["embed"].astype(h.dtype))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, seqs[:, 1:, None], axis=-1)[..., 0]
+    return nll.mean(axis=1)
+
+
+@pytest.mark.parametrize("chunk", [13, 4096])
+def test_chunked_loss_and_gradient_match_full_logits(chunk):
+    cfg = dataclasses.replace(F64, loss_chunk=chunk)
+    params = _perturbed(model.init_params(cfg, jax.random.key(0)))
+    seqs = _rows(3, cfg)                       # 72 target tokens: a chunk of 13 does not divide it
+    w = jnp.asarray([0.3, -1.2, 2.0])
+
+    @jax.jit
+    def both(params):
+        g = jax.grad(lambda p: jnp.sum(w * model.per_example_loss(p, seqs, cfg)))(params)
+        g_ref = jax.grad(lambda p: jnp.sum(w * _naive_losses(p, seqs, cfg)))(params)
+        return (model.per_example_loss(params, seqs, cfg), _naive_losses(params, seqs, cfg),
+                g, g_ref)
+
+    got, ref, g, g_ref = both(params)
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_forward_is_causal():
+    params = _perturbed(model.init_params(F64, jax.random.key(0)))
+    x = _rows(2, F64)[:, :-1]
+    y = x.copy()
+    y[:, 15] = (y[:, 15] + 1) % F64.vocab_size
+    hx, hy = model.forward(params, x, F64), model.forward(params, y, F64)
+    np.testing.assert_array_equal(hx[:, :15], hy[:, :15])
+    assert np.abs(np.asarray(hx[:, 15:] - hy[:, 15:])).max() > 1e-3
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(0)
+    q0, k0 = rng.standard_normal(8), rng.standard_normal(8)
+    t = 12
+    q = model._rotary(jnp.asarray(np.tile(q0, (1, t, 1, 1))), 10_000.0)[0, :, 0]
+    k = model._rotary(jnp.asarray(np.tile(k0, (1, t, 1, 1))), 10_000.0)[0, :, 0]
+    s = np.asarray(q @ k.T)
+    for off in range(-3, 4):
+        d = np.diagonal(s, off)
+        np.testing.assert_allclose(d, d[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s[0, 0], q0 @ k0, rtol=1e-5)   # position 0: no rotation
+
+
+def test_default_dtypes_and_initial_loss():
+    cfg = model.GPTConfig(vocab_size=211, seq_len=16, n_layer=2, n_head=2, d_model=32)
+    params = model.init_params(cfg, jax.random.key(3))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    assert model.param_count(params) == 211 * 32 + 2 * (2 * 32 + 32 * 96 + 32 * 32 + 2 * 32 * 128) + 32
+    seqs = _rows(4, cfg)
+    h = model.forward(params, seqs[:, :-1], cfg)
+    assert h.dtype == jnp.bfloat16 and h.shape == (4, 16, 32)
+    losses = model.per_example_loss(params, seqs, cfg)
+    assert losses.dtype == jnp.float32
+    # Small init: predictions near uniform.
+    np.testing.assert_allclose(losses, math.log(211), rtol=0.05)
+    feats = model.features(params, seqs, cfg)
+    assert feats.shape == (4, 32) and feats.dtype == jnp.float32
+    np.testing.assert_allclose(feats, np.asarray(h, np.float32).mean(1), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_goes_through_mgd_attention(monkeypatch):
+    seen = []
+    real = mgd.attention
+
+    def spy(q, k, v, *, causal=True, scale=None, impl="auto"):
+        seen.append((q.shape, q.dtype, causal, impl))
+        return real(q, k, v, causal=causal, scale=scale, impl=impl)
+
+    monkeypatch.setattr(mgd, "attention", spy)
+    cfg = model.GPTConfig(vocab_size=64, seq_len=8, n_layer=3, n_head=2, d_model=16,
+                          attention_impl="xla", remat_blocks=False)
+    params = model.init_params(cfg, jax.random.key(0))
+    model.forward(params, _rows(5, cfg)[:, :-1], cfg)
+    # One traced call: the layers run under lax.scan.
+    assert seen == [((5, 8, 2, 8), jnp.bfloat16, True, "xla")]
+
+
+def test_bits_per_byte_and_config_errors():
+    assert model.bits_per_byte(math.log(2) * 3.0, 1.5) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="bytes_per_token"):
+        model.bits_per_byte(1.0, 0)
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        model.GPTConfig(vocab_size=10, seq_len=4, d_model=30, n_head=4)
+    with pytest.raises(ValueError, match="n_layer"):
+        model.GPTConfig(vocab_size=10, seq_len=4, n_layer=0)
+    params = model.init_params(F64, jax.random.key(0))
+    with pytest.raises(ValueError, match="seq_len=24"):
+        model.forward(params, np.zeros((1, 30), np.int32), F64)
+    with pytest.raises(ValueError, match=r"\[N, L\+1\]"):
+        model.per_example_loss(params, np.zeros((3,), np.int32), F64)

@@ -1,0 +1,227 @@
+"""The metagradient oracle: exact against finite differences, bookkeeping, devices, clusters."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.stats import spearmanr
+
+from mgd.pipeline import model, oracle
+
+TINY64 = model.GPTConfig(vocab_size=41, seq_len=8, n_layer=1, n_head=2, d_model=16,
+                         attention_impl="xla", compute_dtype="float64", param_dtype="float64")
+
+
+def _phi_by_hand(params, cfg, train_seqs, target_seqs, w, steps, lr, eps_root):
+    """Independent reference: the inner loop unrolled in Python, no remat, no micro-batches."""
+    opt = optax.adam(lr, eps_root=eps_root)
+    theta, state = params, opt.init(params)
+    k = len(train_seqs)
+    for _ in range(steps):
+        g = jax.grad(lambda p: jnp.sum(w * model.per_example_loss(p, train_seqs, cfg)) / k)(theta)
+        upd, state = opt.update(g, state, theta)
+        theta = optax.apply_updates(theta, upd)
+    return jnp.mean(model.per_example_loss(theta, target_seqs, cfg))
+
+
+def test_tau_matches_central_finite_differences():
+    rng = np.random.default_rng(0)
+    params = model.init_params(TINY64, jax.random.key(0))
+    params = jax.tree_util.tree_map(lambda x: x + 0.2 * rng.standard_normal(x.shape), params)
+    k = 8
+    train_seqs = rng.integers(0, TINY64.vocab_size, (k, 9))
+    target_seqs = rng.integers(0, TINY64.vocab_size, (5, 9))
+    kw = dict(inner_steps=4, inner_lr=3e-2, eps_root=1e-12)
+    # Micro-batches and nested segments on, so the remat paths are what is checked.
+    tau, phi = jax.jit(lambda p, a, b: oracle.metagradient_round(
+        p, TINY64, a, b, micro_batch=2, segments=2, return_phi=True, **kw))(
+            params, train_seqs, target_seqs)
+    phi_w = jax.jit(lambda w: _phi_by_hand(params, TINY64, train_seqs, target_seqs, w,
+                                           4, 3e-2, 1e-12))
+    assert float(phi) == pytest.approx(float(phi_w(np.ones(k))), rel=1e-12)
+    h = 1e-6
+    fd = np.array([(phi_w(1 + h * e) - phi_w(1 - h * e)) / (2 * h) for e in np.eye(k)])
+    tau = np.asarray(tau)
+    assert spearmanr(tau, fd).statistic >= 0.95
+    assert np.all(np.sign(tau) == np.sign(fd))
+    assert np.abs(tau - fd).max() <= 1e-3 * np.abs(fd).max()
+
+
+def test_adam_must_be_differentiable():
+    with pytest.raises(ValueError, match="eps_root"):
+        oracle.OracleConfig(eps_root=0.0)
+    with pytest.raises(ValueError, match="micro_batch"):
+        oracle.OracleConfig(k=10, micro_batch=4)
+
+
+def test_zscore_and_aggregate():
+    round_indices = np.array([[5, 2, 9], [9, 5, 7]])
+    round_tau = np.array([[1.0, 2.0, 3.0], [-4.0, 0.0, 4.0]])
+    idx, scores, counts = oracle.aggregate(round_indices, round_tau)
+    z1 = -(np.array([1.0, 2.0, 3.0]) - 2.0) / np.sqrt(2 / 3)      # s = -tau, z-scored
+    z2 = -(np.array([-4.0, 0.0, 4.0])) / np.sqrt(32 / 3)
+    assert idx.tolist() == [2, 5, 7, 9] and counts.tolist() == [1, 2, 1, 2]
+    np.testing.assert_allclose(scores, [z1[1], (z1[0] + z2[1]) / 2, z2[2], (z1[2] + z2[0]) / 2])
+    assert np.all(oracle.zscore(np.ones((2, 4))) == 0)
+
+
+def test_plan_rounds_covers_rows_evenly():
+    oc = oracle.OracleConfig(k=4, rounds=15, target_batch=3, seed=1)
+    rounds, targets = oracle.plan_rounds(10, oc, n_target=7)
+    assert rounds.shape == (15, 4) and targets.shape == (15, 3)
+    assert all(len(set(r)) == 4 for r in rounds) and all(len(set(t)) == 3 for t in targets)
+    counts = np.bincount(rounds.reshape(-1), minlength=10)
+    assert counts.min() >= 4 and counts.max() <= 8
+    pooled, _ = oracle.plan_rounds(100, oracle.OracleConfig(k=5, rounds=9, pool_size=20), 4)
+    assert len(np.unique(pooled)) <= 20
+    with pytest.raises(ValueError, match="exceeds"):
+        oracle.plan_rounds(3, oc, 7)
+
+
+LABEL_CFG = model.GPTConfig(vocab_size=37, seq_len=8, n_layer=1, n_head=2, d_model=16,
+                            attention_impl="xla", compute_dtype="float32")
+
+
+def _fake_corpus(seed=0, n=24):
+    rng = np.random.default_rng(seed)
+    return types.SimpleNamespace(
+        tokens=rng.integers(0, 37, (n, 9)).astype(np.int32),
+        target_tokens=rng.integers(0, 37, (6, 9)).astype(np.int32))
+
+
+def test_label_persists_resumes_and_matches_direct_rounds(tmp_path):
+    corpus = _fake_corpus()
+    params = model.init_params(LABEL_CFG, jax.random.key(0))
+    oc = oracle.OracleConfig(k=6, inner_steps=2, inner_lr=1e-2, rounds=5, target_batch=4,
+                             micro_batch=3)
+    labels = oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False)
+    assert (tmp_path / "oracle" / "DONE").exists() and not (tmp_path / "oracle_partial.npz").exists()
+    assert labels.round_ids.tolist() == list(range(5)) and labels.round_tau.shape == (5, 6)
+    assert np.all(np.isfinite(labels.round_tau)) and np.all(np.isfinite(labels.round_phi))
+    # Each round is the plain round function on the planned rows.
+    fn = oracle.make_round_fn(LABEL_CFG, oc)
+    for r in (0, 4):
+        tau, phi = fn(params, corpus.tokens[labels.round_indices[r]],
+                      corpus.target_tokens[labels.round_targets[r]])
+        np.testing.assert_allclose(labels.round_tau[r], tau, rtol=1e-5, atol=1e-9)
+    idx, scores, counts = oracle.aggregate(labels.round_indices, labels.round_tau)
+    np.testing.assert_array_equal(labels.indices, idx)
+    np.testing.assert_allclose(labels.scores, scores)
+    loaded = oracle.Labels.load(tmp_path)
+    np.testing.assert_array_equal(loaded.round_indices, labels.round_indices)
+    # Done: reused; different config: refused.
+    assert oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False).scores.tolist() \
+        == labels.scores.tolist()
+    with pytest.raises(ValueError, match="another OracleConfig"):
+        oracle.label(params, corpus, LABEL_CFG, oracle.OracleConfig(k=6, rounds=6), tmp_path)
+
+    # A killed run resumes from its partial file: plant 3 finished rounds with
+    # marker values and check they are kept, not recomputed.
+    other = tmp_path / "other"
+    from mgd.pipeline import artifacts
+    tau = labels.round_tau.copy()
+    tau[:3] = 7.0
+    artifacts.atomic_save_arrays(other / "oracle_partial.npz", round_indices=labels.round_indices,
+                                 round_tau=tau, round_phi=labels.round_phi, done=np.int64(3))
+    resumed = oracle.label(params, corpus, LABEL_CFG, oc, other, progress=False)
+    assert np.all(resumed.round_tau[:3] == 7.0)
+    np.testing.assert_allclose(resumed.round_tau[3:], labels.round_tau[3:], rtol=1e-6)
+
+
+_TWO_DEVICES = textwrap.dedent("""
+    import json, types
+    import jax, numpy as np
+    assert jax.local_device_count() == 2, jax.devices()
+    from mgd.pipeline import model, oracle
+    LABEL_CFG = model.GPTConfig(**{cfg})
+    rng = np.random.default_rng(1)
+    corpus = types.SimpleNamespace(tokens=rng.integers(0, 37, (24, 9)).astype(np.int32),
+                                   target_tokens=rng.integers(0, 37, (6, 9)).astype(np.int32))
+    params = model.init_params(LABEL_CFG, jax.random.key(3))
+    oc = oracle.OracleConfig(k=6, inner_steps=2, inner_lr=1e-2, rounds=3, target_batch=4)
+    labels = oracle.label(params, corpus, LABEL_CFG, oc, {run!r}, progress=False)
+    fn = oracle.make_round_fn(LABEL_CFG, oc)
+    direct = [np.asarray(fn(params, corpus.tokens[i], corpus.target_tokens[t])[0]).tolist()
+              for i, t in zip(labels.round_indices, labels.round_targets)]
+    print("RESULT " + json.dumps({{"sharded": labels.round_tau.tolist(), "direct": direct}}))
+""")
+
+
+def test_rounds_spread_over_two_forced_host_devices(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    import dataclasses
+    code = _TWO_DEVICES.format(cfg=repr(dataclasses.asdict(LABEL_CFG)), run=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    res = json.loads(line[len("RESULT "):])
+    # 3 rounds on 2 devices: one full group and one padded group.
+    np.testing.assert_allclose(res["sharded"], res["direct"], rtol=1e-5, atol=1e-9)
+    assert json.loads((tmp_path / "oracle" / "summary.json").read_text())["devices"] == 2
+
+
+# ---------------------------------------------------------------- the clusters
+
+def _cluster_experiment(tmp_path, *, n_on, seq_len, train_steps, k, inner_steps, rounds,
+                        pool_size=None):
+    """Build a corpus from the shared data, train a base model, label, and return
+    the mean score and effect sizes per cluster."""
+    from mgd.pipeline import corpus as C, train as T
+    cc = C.CorpusConfig(n_ontarget=n_on, n_offtarget=n_on, n_corrupt=n_on // 2, n_target=48,
+                        n_eval=16, seq_len=seq_len, vocab_size=512, tokenizer_train_docs=400,
+                        max_docs=1500, seed=0)
+    c = C.build_corpus(cc, tmp_path)
+    mc = model.GPTConfig(vocab_size=c.vocab_size, seq_len=seq_len, n_layer=2, n_head=2,
+                         d_model=64, compute_dtype="float32", attention_impl="xla")
+    params = model.init_params(mc, jax.random.key(0))
+    params, _ = T.train(params, c.tokens, mc, T.TrainConfig(
+        steps=train_steps, batch_size=32, lr=3e-3, warmup=20, eval_every=0), progress=False)
+    oc = oracle.OracleConfig(k=k, inner_steps=inner_steps, inner_lr=1e-3, rounds=rounds,
+                             target_batch=48, pool_size=pool_size)
+    labels = oracle.label(params, c, mc, oc, tmp_path, progress=False)
+    cl = c.cluster[labels.indices]
+    by = {name: labels.scores[cl == i] for i, name in C.CLUSTERS.items()}
+
+    def cohen_d(a, b):
+        return (a.mean() - b.mean()) / np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+
+    result = {"mean": {n: float(v.mean()) for n, v in by.items()},
+              "rounds_per_row": float(labels.counts.mean()),
+              "n": {n: int(len(v)) for n, v in by.items()},
+              "d_on_off": float(cohen_d(by["ontarget"], by["offtarget"])),
+              "d_off_corrupt": float(cohen_d(by["offtarget"], by["corrupt"])),
+              "d_on_corrupt": float(cohen_d(by["ontarget"], by["corrupt"]))}
+    print("cluster scores:", json.dumps(result))
+    return result
+
+
+needs_shared = pytest.mark.skipif(not os.path.exists("/work/shared/data/ontarget.jsonl.gz"),
+                                  reason="the shared offline corpus is not on this machine")
+
+
+@needs_shared
+def test_scores_order_clusters_fast(tmp_path):
+    r = _cluster_experiment(tmp_path, n_on=240, seq_len=32, train_steps=200, k=24,
+                            inner_steps=3, rounds=12)
+    assert r["mean"]["ontarget"] > r["mean"]["offtarget"] > r["mean"]["corrupt"]
+
+
+@needs_shared
+@pytest.mark.slow
+def test_scores_order_clusters(tmp_path):
+    # A pool of 360 rows labeled in 54 rounds of 40: each row is scored ~6 times.
+    r = _cluster_experiment(tmp_path, n_on=480, seq_len=64, train_steps=500, k=40,
+                            inner_steps=4, rounds=54, pool_size=360)
+    assert r["mean"]["ontarget"] > r["mean"]["offtarget"] > r["mean"]["corrupt"]
+    assert r["d_on_off"] > 0.2 and r["d_off_corrupt"] > 0.2

@@ -1,0 +1,167 @@
+"""`mgd run`: option parsing, source resolution, and the smoke preset end to end on the
+shared offline corpus, then a resume after deleting late stages."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mgd.cli import build_parser, main
+from mgd.pipeline import presets
+from mgd.pipeline.run import METHODS, build_plan, resolve_sources
+
+def _data_dir():
+    """$MGD_DATA_DIR, else CI's ../shared/data beside the clone, else /work/shared/data."""
+    candidates = [os.environ.get("MGD_DATA_DIR"),
+                  Path(__file__).resolve().parents[3] / "shared" / "data", "/work/shared/data"]
+    for c in candidates:
+        if c and (Path(c) / "ontarget.jsonl.gz").exists():
+            return Path(c)
+    return Path(candidates[1])
+
+
+DATA = _data_dir()
+needs_data = pytest.mark.skipif(not (DATA / "ontarget.jsonl.gz").exists(),
+                                reason=f"shared corpus not found in {DATA} (set MGD_DATA_DIR)")
+
+
+def test_cli_parses_every_option():
+    a = build_parser().parse_args(
+        ["run", "--preset", "demo", "--ontarget", "on.jsonl", "--offtarget", "off.jsonl.gz",
+         "--target", "t.jsonl", "--out", "o", "--budget", "0.05", "--seeds", "4",
+         "--attention-impl", "xla"])
+    assert (a.preset, a.ontarget, a.offtarget, a.target, a.out, a.budget, a.seeds,
+            a.attention_impl) == ("demo", "on.jsonl", "off.jsonl.gz", "t.jsonl", "o", 0.05, 4, "xla")
+
+
+@pytest.mark.parametrize("bad", [["--budget", "0"], ["--budget", "x"], ["--seeds", "0"],
+                                 ["--preset", "huge"]])
+def test_cli_rejects_bad_options(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["run", *bad])
+    assert e.value.code == 2
+
+
+def test_cli_names_a_missing_corpus_file(tmp_path, capsys):
+    code = main(["run", "--preset", "smoke", "--ontarget", str(tmp_path / "nope.jsonl"),
+                 "--out", str(tmp_path / "run")])
+    assert code == 2 and "nope.jsonl" in capsys.readouterr().err
+
+
+def test_sources_resolve_from_arguments_env_or_hub(tmp_path):
+    (tmp_path / "ontarget.jsonl.gz").write_bytes(b"")
+    (tmp_path / "offtarget.jsonl.gz").write_bytes(b"")
+    assert resolve_sources(env={}) == (presets.HUB_ONTARGET, presets.HUB_OFFTARGET)
+    env = {"MGD_DATA_DIR": str(tmp_path)}
+    assert resolve_sources(env=env) == (str(tmp_path / "ontarget.jsonl.gz"),
+                                        str(tmp_path / "offtarget.jsonl.gz"))
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"text": "x"}\n')
+    assert resolve_sources(ontarget=mine, env=env)[0] == str(mine)
+    with pytest.raises(FileNotFoundError, match="MGD_DATA_DIR"):
+        resolve_sources(env={"MGD_DATA_DIR": str(tmp_path / "missing")})
+
+
+def test_plan_applies_overrides_and_presets_are_complete():
+    plan = build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", budget=2000, seeds=4,
+                      attention_impl="xla")
+    assert plan["budget"] == 2000.0 and plan["seeds"] == 4
+    assert plan["model"]["attention_impl"] == "xla"
+    assert plan["corpus"]["ontarget"] == "hf:a:b:c"
+    for name in presets.PRESETS:
+        p = presets.get(name)
+        assert p.seeds >= 3 and p.budget == 0.10 and p.expected_time
+        assert presets.PRESETS[name].__doc__
+
+
+# ------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    if not (DATA / "ontarget.jsonl.gz").exists():
+        pytest.skip(f"shared corpus not found in {DATA} (set MGD_DATA_DIR)")
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    env = {**os.environ, "MGD_DATA_DIR": str(DATA)}
+    proc = subprocess.run([sys.executable, "-m", "mgd.cli", "run", "--preset", "smoke",
+                           "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@needs_data
+def test_smoke_preset_runs_every_stage_and_baseline(smoke_run):
+    out, stdout = smoke_run
+    for stage in ["corpus", "base", "oracle", "features", "scorer", "population", "report"]:
+        assert (out / stage / "DONE").exists(), stage
+    import pandas as pd
+    df = pd.read_csv(out / "results.csv")
+    assert sorted(df["method"].unique()) == sorted(METHODS)
+    assert (df.groupby("method").size() == 3).all()
+    assert df["eval_loss"].notna().all() and (df["eval_loss"] > 0).all()
+    # Same token budget for every method.
+    assert df["tokens_trained"].nunique() == 1
+    for png in ["eval_loss.png", "composition.png", "training_curves.png",
+                "oracle_vs_predicted.png"]:
+        assert (out / png).stat().st_size > 1000, png
+    report = (out / "report.md").read_text()
+    assert "Held-out Spearman" in report and "metagrad_distilled" in report
+    assert "eval_loss_mean" in stdout   # the summary table is printed at the end
+    scorer = json.loads((out / "scorer" / "summary.json").read_text())
+    assert set(scorer["heldout_spearman"]) == {"ridge", "mlp"}
+
+
+@needs_data
+def test_rerun_skips_finished_stages_and_redoes_deleted_ones(smoke_run):
+    import shutil
+    out, _ = smoke_run
+    early = ["corpus", "base", "oracle", "features", "scorer", "population", "select-dsir",
+             "continued-random-s0"]
+    stamps = {s: (out / s / "DONE").stat().st_mtime_ns for s in early}
+    report_stamp = (out / "report" / "DONE").stat().st_mtime_ns
+    before = (out / "continued-metagrad_distilled-s2" / "result.json").read_text()
+    shutil.rmtree(out / "continued-metagrad_distilled-s2")
+    env = {**os.environ, "MGD_DATA_DIR": str(DATA)}
+    proc = subprocess.run([sys.executable, "-m", "mgd.cli", "run", "--preset", "smoke",
+                           "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {s: (out / s / "DONE").stat().st_mtime_ns for s in early} == stamps
+    assert "base: done, skipped" in proc.stdout
+    assert "continued: metagrad_distilled seed 2" in proc.stdout
+    assert "continued: random seed 0" not in proc.stdout
+    # Training is deterministic given the seed, so the redone stage reproduces its result.
+    redone = json.loads((out / "continued-metagrad_distilled-s2" / "result.json").read_text())
+    assert redone["eval_loss"] == pytest.approx(json.loads(before)["eval_loss"], rel=1e-5)
+    # New results make the report stale: it is rebuilt.
+    assert (out / "report" / "DONE").stat().st_mtime_ns > report_stamp
+
+
+@needs_data
+def test_a_different_setting_refuses_to_reuse_the_run_folder(smoke_run):
+    out, _ = smoke_run
+    with pytest.raises(ValueError, match="different settings"):
+        from mgd.pipeline.run import run
+        run("smoke", out=out, budget=0.2, ontarget=DATA / "ontarget.jsonl.gz",
+            offtarget=DATA / "offtarget.jsonl.gz", quiet=True)
+
+
+@needs_data
+def test_target_file_becomes_the_target_rows(smoke_run, tmp_path):
+    from mgd.pipeline.corpus import Corpus
+    from mgd.pipeline.run import _custom_target_stage
+    out, _ = smoke_run
+    corpus = Corpus.load(out)
+    docs = tmp_path / "target.jsonl"
+    texts = ["Randomized trial of aspirin in patients with stable angina. " * 3,
+             "Serum cholesterol and coronary risk in a cohort of 400 adults. " * 3]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    rows = _custom_target_stage(tmp_path / "run", corpus, str(docs), 64, lambda m: None)
+    width = corpus.tokens.shape[1]
+    assert rows.ndim == 2 and rows.shape[1] == width and 1 <= rows.shape[0] <= 64
+    # The rows are the file's text, tokenized with the corpus tokenizer.
+    assert "aspirin" in corpus.decode(rows[:1])[0]
+    again = _custom_target_stage(tmp_path / "run", corpus, str(docs), 64, lambda m: None)
+    assert (again == rows).all()
