@@ -2,7 +2,7 @@
 
 Only the double backward runs the CUDA kernels of this package. The forward
 (with log-sum-exp) and first backward are delegated to the first reference backend
-of `mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Triton, then Pallas,
+of `mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Pallas, then Triton,
 then naive XLA): see kernels/DESIGN.md, "What is not ours yet".
 
 The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
