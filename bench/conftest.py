@@ -13,6 +13,7 @@ import jax
 import pytest
 
 from bench import harness
+from mgd.devices import gpu_unavailable_reason
 
 BENCH_DIR = Path(__file__).resolve().parent
 # pytest-benchmark's own default is ./.benchmarks relative to wherever pytest
@@ -39,13 +40,7 @@ def _gpu_skip_reason():
     # on a CPU, to try the harness and the report without a GPU).
     if os.environ.get("MGD_BENCH_ALLOW_CPU") == "1":
         return None
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        gpus = []
-    if not gpus:
-        return f"needs an NVIDIA GPU; JAX sees only {jax.default_backend()} devices here"
-    return None
+    return gpu_unavailable_reason()
 
 
 def pytest_collection_modifyitems(config, items):

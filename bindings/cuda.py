@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgd import devices
+
 NAME = "cuda"
 TARGET = "mgd_attention_double_backward"
 LIBRARY = "libmgd_cuda.so"
@@ -71,12 +73,10 @@ def _load():
 
 
 def _gpu_reason():
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        gpus = []
-    if not gpus:
-        return f"needs an NVIDIA GPU; JAX sees only {jax.default_backend()} devices"
+    reason = devices.gpu_unavailable_reason()
+    if reason is not None:
+        return reason
+    gpus = devices.gpus()
     kind = getattr(gpus[0], "compute_capability", None)
     if kind is not None and str(kind) not in ("9.0",):
         return f"needs a Hopper GPU (compute capability 9.0), found {kind} ({gpus[0].device_kind})"

@@ -31,9 +31,6 @@ __all__ = ["CorpusConfig", "Corpus", "build_corpus", "pack_documents", "shuffle_
 ONTARGET, OFFTARGET, CORRUPT = 0, 1, 2
 CLUSTERS = {ONTARGET: "ontarget", OFFTARGET: "offtarget", CORRUPT: "corrupt"}
 
-_SHARED = "/work/shared/data"
-
-
 @dataclass(frozen=True)
 class CorpusConfig:
     """What to build. Counts are in sequences of `seq_len + 1` tokens.
@@ -42,8 +39,9 @@ class CorpusConfig:
     hub specs `hf:<dataset>:<config>:<field>`, e.g. `hf:allenai/c4:en:text` and
     `hf:MedRAG/pubmed::contents` (see `sources.read_source`).
     """
-    ontarget: str = f"{_SHARED}/ontarget.jsonl.gz"
-    offtarget: str = f"{_SHARED}/offtarget.jsonl.gz"
+    # With no files given, the sources of the seed experiment, streamed from the hub.
+    ontarget: str = "hf:MedRAG/pubmed::contents"
+    offtarget: str = "hf:allenai/c4:en:text"
     n_ontarget: int = 3000
     n_offtarget: int = 3000
     n_corrupt: int = 1500

@@ -4,6 +4,8 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
+from mgd.devices import gpu_unavailable_reason
+
 # Float64 is needed for the reference checks of the xla backend; it does not change
 # the dtype of any float32/bf16/fp16 array the tests build explicitly.
 jax.config.update("jax_enable_x64", True)
@@ -21,18 +23,8 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-def _gpu_skip_reason():
-    try:
-        gpus = jax.devices("gpu")
-    except RuntimeError:
-        gpus = []
-    if not gpus:
-        return f"needs an NVIDIA GPU; JAX sees only {jax.default_backend()} devices here"
-    return None
-
-
 def pytest_collection_modifyitems(config, items):
-    reason = _gpu_skip_reason()
+    reason = gpu_unavailable_reason()
     if reason is None:
         return
     skip = pytest.mark.skip(reason=reason)

@@ -10,17 +10,7 @@ from mgd.pipeline.baselines import (common, dsir, low_perplexity, oracle_cluster
                                     ppl_correlations, random_subset)
 from mgd.pipeline.selection import composition
 
-def _data_dir():
-    """$MGD_DATA_DIR, else CI's ../shared/data beside the clone, else /work/shared/data."""
-    candidates = [os.environ.get("MGD_DATA_DIR"),
-                  Path(__file__).resolve().parents[3] / "shared" / "data", "/work/shared/data"]
-    for c in candidates:
-        if c and (Path(c) / "ontarget.jsonl.gz").exists():
-            return Path(c)
-    return Path(candidates[1])
-
-
-DATA = _data_dir()
+from tests.pipeline.shared_data import DATA
 WIDTH = 129   # [L+1] rows of bytes: a byte-level "tokenizer" keeps the test self-contained
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from mgd.pipeline import artifacts, corpus, sources, tokenizer
 
-SHARED = Path("/work/shared/data")
+from tests.pipeline.shared_data import DATA as SHARED
 needs_shared = pytest.mark.skipif(not (SHARED / "ontarget.jsonl.gz").exists(),
                                   reason="the shared offline corpus is not on this machine")
 
@@ -183,7 +183,8 @@ def test_stage_is_atomic_and_skips_when_done(tmp_path):
 
 # ---------------------------------------------------------------- the built corpus
 
-SMALL = dict(n_ontarget=60, n_offtarget=60, n_corrupt=30, n_target=12, n_eval=12, seq_len=32,
+SMALL = dict(ontarget=str(SHARED / "ontarget.jsonl.gz"), offtarget=str(SHARED / "offtarget.jsonl.gz"),
+             n_ontarget=60, n_offtarget=60, n_corrupt=30, n_target=12, n_eval=12, seq_len=32,
              vocab_size=400, tokenizer_train_docs=150, max_docs=400, seed=3)
 
 
@@ -257,6 +258,6 @@ def test_corpus_config_errors(tmp_path):
         corpus.CorpusConfig(seq_len=1)
     with pytest.raises(ValueError, match="n_offtarget"):
         corpus.CorpusConfig(n_offtarget=-1)
-    cfg = corpus.CorpusConfig(ontarget=str(tmp_path / "absent.jsonl"), **{**SMALL, "max_docs": 5})
+    cfg = corpus.CorpusConfig(**{**SMALL, "ontarget": str(tmp_path / "absent.jsonl"), "max_docs": 5})
     with pytest.raises(FileNotFoundError, match="absent.jsonl"):
         corpus.build_corpus(cfg, tmp_path / "run")

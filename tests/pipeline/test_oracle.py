@@ -16,6 +16,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from mgd.pipeline import model, oracle
+from tests.pipeline.shared_data import DATA, needs_data
 
 TINY64 = model.GPTConfig(vocab_size=41, seq_len=8, n_layer=1, n_head=2, d_model=16,
                          attention_impl="xla", compute_dtype="float64", param_dtype="float64")
@@ -178,7 +179,8 @@ def _cluster_experiment(tmp_path, *, n_on, seq_len, train_steps, k, inner_steps,
     """Build a corpus from the shared data, train a base model, label, and return
     the mean score and effect sizes per cluster."""
     from mgd.pipeline import corpus as C, train as T
-    cc = C.CorpusConfig(n_ontarget=n_on, n_offtarget=n_on, n_corrupt=n_on // 2, n_target=48,
+    cc = C.CorpusConfig(ontarget=str(DATA / "ontarget.jsonl.gz"),
+                        offtarget=str(DATA / "offtarget.jsonl.gz"), n_ontarget=n_on, n_offtarget=n_on, n_corrupt=n_on // 2, n_target=48,
                         n_eval=16, seq_len=seq_len, vocab_size=512, tokenizer_train_docs=400,
                         max_docs=1500, seed=0)
     c = C.build_corpus(cc, tmp_path)
@@ -206,8 +208,7 @@ def _cluster_experiment(tmp_path, *, n_on, seq_len, train_steps, k, inner_steps,
     return result
 
 
-needs_shared = pytest.mark.skipif(not os.path.exists("/work/shared/data/ontarget.jsonl.gz"),
-                                  reason="the shared offline corpus is not on this machine")
+needs_shared = needs_data
 
 
 @needs_shared

@@ -12,19 +12,7 @@ from mgd.cli import build_parser, main
 from mgd.pipeline import presets
 from mgd.pipeline.run import METHODS, build_plan, resolve_sources
 
-def _data_dir():
-    """$MGD_DATA_DIR, else CI's ../shared/data beside the clone, else /work/shared/data."""
-    candidates = [os.environ.get("MGD_DATA_DIR"),
-                  Path(__file__).resolve().parents[3] / "shared" / "data", "/work/shared/data"]
-    for c in candidates:
-        if c and (Path(c) / "ontarget.jsonl.gz").exists():
-            return Path(c)
-    return Path(candidates[1])
-
-
-DATA = _data_dir()
-needs_data = pytest.mark.skipif(not (DATA / "ontarget.jsonl.gz").exists(),
-                                reason=f"shared corpus not found in {DATA} (set MGD_DATA_DIR)")
+from tests.pipeline.shared_data import DATA, needs_data
 
 
 def test_cli_parses_every_option():
