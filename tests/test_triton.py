@@ -292,6 +292,60 @@ def test_fold_batch_is_the_mapped_computation():
     np.testing.assert_allclose(nested[0].reshape(a.shape), a, rtol=1e-12)
 
 
+def test_autotune_sweeps_every_kernel_at_both_head_dims():
+    """The default sweep covers all six tuned kernels (the delta preprocess has a
+    fixed launch) at head dims 64 and 128 over T in {1024, 4096, 16384}, each
+    with the default config first and only shapes the kernels accept."""
+    from mgd.reference.triton import autotune, configs
+
+    args = autotune.build_parser().parse_args(["--out", "unused.json"])
+    assert sorted(args.t) == [1024, 4096, 16384]
+    assert sorted(int(s.split("x")[1]) for s in args.heads) == [64, 128]
+    assert sorted(args.kernels) == sorted(configs.KERNELS)
+    for d in (64, 128):
+        for kernel in configs.KERNELS:
+            cands = autotune.candidates(kernel, d)
+            assert cands[0] == configs.default(kernel, d) and len(set(cands)) == len(cands) >= 3
+            for c in cands:
+                for block in (c.block_m, c.block_n):
+                    assert block >= 16 and block & (block - 1) == 0, (kernel, d, c)
+                assert c.num_warps in (4, 8) and c.num_stages in (2, 3), (kernel, d, c)
+
+
+def test_compile_stats_verdicts():
+    """A spill or an oversized shared-memory request disqualifies a config;
+    mma.sync is reported but still fits."""
+    from mgd.reference.triton.compile_stats import MAX_SHARED, Stats
+    from mgd.reference.triton.configs import Config
+
+    cfg = Config(64, 32, 8, 2)
+
+    def stats(**kw):
+        base = dict(kernel="dbwd_dkdv", head_dim=128, config=cfg, regs=152, spill_stores=0,
+                    spill_loads=0, stack=0, shared=87040, wgmma=0, mma_sync=384)
+        return Stats(**{**base, **kw})
+
+    assert stats().fits and stats().verdict == "mma.sync"
+    assert stats(mma_sync=0, wgmma=24).verdict == "wgmma"
+    assert not stats(spill_loads=3).fits and stats(spill_loads=3).verdict == "spills"
+    assert stats(shared=MAX_SHARED + 1).verdict == "shared-memory"
+    failed = stats(error="CompilationError: out of resources")
+    assert not failed.fits and failed.row().endswith("error: CompilationError: out of resources")
+
+
+def test_table_lookup_prefers_nearest_length_then_default():
+    from mgd.reference.triton.configs import Config, Table, default, entry
+
+    small, large = Config(32, 64, 4, 2), Config(64, 64, 8, 3)
+    table = Table([entry("dbwd_dq", 128, True, 1024, small), entry("dbwd_dq", 128, True, 16384, large)])
+    assert table.lookup("dbwd_dq", 128, True, 2000) == small
+    assert table.lookup("dbwd_dq", 128, True, 8192) == large
+    assert table.lookup("dbwd_dq", 128, False, 8192) == default("dbwd_dq", 128)
+    assert table.lookup("dbwd_dkdv", 64, True, 8192) == default("dbwd_dkdv", 64)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        default("dbwd_everything", 64)
+
+
 @pytest.mark.skipif(HAS_GPU or not HAS_TRITON,
                     reason="interpreter check: needs the triton package and no GPU")
 @given(_problems(max_t=70, head_dims=(16, 32, 64), dtypes=("float32", "float16")),

@@ -13,6 +13,14 @@ configs that failed to compile or launch, goes into the CSV next to it.
 
 Candidates are a handful per kernel around the shapes FlashAttention-style
 kernels use on Hopper; a config is never chosen by anything but its time.
+
+Compilation is serial: `triton.compile` is not thread-safe here (from 4
+threads on the CPU, Triton 3.6 under Python 3.11 failed in 2 of 3 runs, e.g.
+in its `ast.parse` of the kernel source: "AST constructor recursion depth
+mismatch"), and jax-triton keeps its compiled kernels in-process, so worker
+processes would not help. jax-triton caches a compiled kernel independently of the sequence
+lengths (runtime arguments): each config pays Triton's compile once, at its
+first length.
 """
 from __future__ import annotations
 
@@ -28,22 +36,39 @@ import numpy as np
 from mgd.reference.triton import configs
 from mgd.reference.triton.configs import Config
 
-# (block_m, block_n, num_warps, num_stages); the default config is always added.
-# Pruned to three per kernel so the issue's grid (2 head shapes x 5 lengths)
-# sweeps in about three minutes; compilation dominates that time.
-CANDIDATES = {
+# (block_m, block_n, num_warps, num_stages) per kernel and head dim; the
+# default config is always added. block_m tiles queries, block_n keys, in
+# every kernel. Each list holds only configs that compile for sm_90a without
+# register spills and within shared memory (checked without a GPU by
+# `compile_stats.py --all-candidates`; see NOTES.md), seeded with the tiles
+# the Pallas kernels chose on the H200. Three to four per kernel keep the
+# default sweep (2 head shapes x 3 lengths) near three minutes, most of it
+# compilation.
+SMALL_HEAD = {
+    "fwd": [(128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2)],
+    "bwd_dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2)],
+    "bwd_dq": [(64, 64, 4, 2), (128, 128, 8, 2), (128, 32, 4, 2)],
+    "dbwd_rows": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    "dbwd_dq": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    "dbwd_dkdv": [(16, 64, 4, 2), (32, 128, 8, 2), (16, 128, 8, 2)],
+}
+# Head dim 128: every T x T x D product doubles its operand tiles and the
+# float32 [tile, HEAD_DIM] accumulators double too; the double-backward key
+# kernel holds two of them and spills with 64-key tiles at every warp count
+# and query tile compiled (16, 32, 64; 4 or 8 warps).
+LARGE_HEAD = {
     "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    "bwd_dkdv": [(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2)],
-    "bwd_dq": [(64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
-    "dbwd_rows": [(64, 32, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
-    "dbwd_dq": [(64, 32, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
-    "dbwd_dkdv": [(32, 64, 8, 2), (16, 64, 4, 2), (64, 64, 8, 2)],
+    "bwd_dkdv": [(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2)],
+    "bwd_dq": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+    "dbwd_rows": [(64, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)],
+    "dbwd_dq": [(64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+    "dbwd_dkdv": [(64, 32, 8, 2), (32, 32, 8, 2), (128, 32, 8, 2)],
 }
 
 
 def candidates(kernel, head_dim):
     out = [configs.default(kernel, head_dim)]
-    for c in CANDIDATES[kernel]:
+    for c in (LARGE_HEAD if head_dim >= 128 else SMALL_HEAD)[kernel]:
         cfg = Config(*c)
         if cfg not in out:
             out.append(cfg)
@@ -125,49 +150,13 @@ def _intermediates(x, causal, scale):
     return dict(x, o=o, lse=lse, delta=delta, delta2=delta2, dd=dd, bstat=bstat)
 
 
-def precompile(head_shapes, causals, dtype, kernels, jobs, log=print):
-    """Compile every candidate once, in parallel threads.
-
-    jax-triton caches a compiled kernel independently of the sequence lengths
-    (runtime arguments), so afterwards the timing loop pays only XLA's small
-    per-shape compile. Failures are left for the timing loop to record.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(1)
-    work = []
-    for h, d in head_shapes:
-        scale = 1.0 / float(np.sqrt(d))
-        for causal in causals:
-            # Not T=1: jax-triton turns scalar arguments equal to 1 into constants.
-            x = _intermediates(_problem(rng, 256, h, d, dtype), causal, scale)
-            for kernel in kernels:
-                for cfg in candidates(kernel, d):
-                    fn, names = kernel_fns(kernel, cfg, causal, scale)
-                    work.append((fn, [x[n] for n in names]))
-
-    def compile_one(item):
-        fn, args = item
-        try:
-            fn.lower(*args).compile()
-        except Exception:  # noqa: BLE001 - recorded with its message when timed
-            pass
-
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(pool.map(compile_one, work))
-    log(f"compiled {len(work)} kernel configs in {time.perf_counter() - t0:.1f} s "
-        f"with {jobs} threads")
-
-
-def sweep(ts, head_shapes, causals, dtype_name, kernels, log=print, budget_s=None, jobs=1):
+def sweep(ts, head_shapes, causals, dtype_name, kernels, log=print, budget_s=None):
     import jax.numpy as jnp
 
     dtype = jnp.dtype(dtype_name)
     rng = np.random.default_rng(0)
     rows, best = [], {}
     start = time.perf_counter()
-    precompile(head_shapes, causals, dtype, kernels, jobs, log)
     for h, d in head_shapes:
         scale = 1.0 / float(np.sqrt(d))
         for causal in causals:
@@ -201,21 +190,27 @@ def sweep(ts, head_shapes, causals, dtype_name, kernels, log=print, budget_s=Non
     return rows, best
 
 
-def main(argv=None):
+DEFAULT_T = (1024, 4096, 16384)
+DEFAULT_HEADS = ("12x64", "16x128")
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON table to write (e.g. reference/triton/configs.json)")
     parser.add_argument("--csv", help="CSV of every measurement (default: --out with .csv)")
-    parser.add_argument("--t", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 32768])
-    parser.add_argument("--heads", nargs="+", default=["12x64", "16x128"],
+    parser.add_argument("--t", type=int, nargs="+", default=list(DEFAULT_T))
+    parser.add_argument("--heads", nargs="+", default=list(DEFAULT_HEADS),
                         help="HxD pairs, e.g. 12x64 16x128")
     parser.add_argument("--causal", choices=["true", "false", "both"], default="true")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--kernels", nargs="+", default=list(configs.KERNELS), choices=configs.KERNELS)
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="threads compiling kernels up front (more than 1 is untested on the GPU)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop sweeping after this many seconds (the table keeps what was timed)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
 
     import jax
 
@@ -225,7 +220,7 @@ def main(argv=None):
     causals = {"true": [True], "false": [False], "both": [True, False]}[args.causal]
     t0 = time.perf_counter()
     rows, best = sweep(args.t, heads, causals, args.dtype, args.kernels,
-                       log=lambda s: print(s, flush=True), budget_s=args.budget_s, jobs=args.jobs)
+                       log=lambda s: print(s, flush=True), budget_s=args.budget_s)
     entries = [configs.entry(kernel, d, causal, t, cfg, ms=round(ms, 5))
                for (kernel, d, causal, t), (cfg, ms) in sorted(best.items(), key=str)]
     table = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,

@@ -39,19 +39,32 @@ DELTA = Config(block_m=64, block_n=0, num_warps=4, num_stages=1)
 
 
 def default(kernel, head_dim):
-    # Chosen from a first sweep on an H200 (bf16, causal, T=8192, H=16, D=128):
-    # forward 0.71 ms; the dK/dV kernel 1.8 ms with 4 warps against 4.0 with 8.
+    """The config used where the tuned table has no entry for the kernel.
+
+    fwd and bwd_dkdv at head dim 128 were timed on an H200 (bf16, causal,
+    T=8192, H=16): forward 0.71 ms; dK/dV 1.8 ms with 4 warps against 4.0 with
+    8. The others are chosen from compile statistics only (sm_90a, no GPU; see
+    NOTES.md): builds without register spills, on wgmma where such a build
+    exists, with some register headroom (8 warps where 4 sit at the 255 limit),
+    and the Pallas kernels' H200 tiles where those qualify.
+    """
     big = head_dim >= 128
     if kernel == "fwd":
         return Config(128, 64, 8 if big else 4, 3)
     if kernel == "bwd_dkdv":
         # A key tile and its accumulators stay resident: smaller query tiles.
         return Config(32, 64, 4, 2)
-    if kernel == "dbwd_dkdv":
-        # Four resident key-side tiles and two accumulators: more warps for registers.
-        return Config(32, 64, 8 if big else 4, 2)
-    if kernel in ("bwd_dq", "dbwd_rows", "dbwd_dq"):
+    if kernel == "bwd_dq":
+        return Config(64, 64, 4, 2) if big else Config(64, 32, 4, 2)
+    if kernel == "dbwd_rows":
         return Config(64, 32, 8 if big else 4, 2)
+    if kernel == "dbwd_dq":
+        return Config(64, 32, 8 if big else 4, 2)
+    if kernel == "dbwd_dkdv":
+        # Two float32 [key tile, HEAD_DIM] accumulators and four resident key
+        # tiles: at head dim 128 every 64-key tile spills, so 32 keys (mma.sync,
+        # not wgmma: one warpgroup's wgmma needs 64 rows) and 8 warps.
+        return Config(64, 32, 8, 2) if big else Config(32, 64, 4, 2)
     raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
 
 

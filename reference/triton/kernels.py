@@ -275,14 +275,15 @@ def attention_bwd_dq(Q, K, V, DO, LSE, DELTA, sm_scale, Tq, Tk, H, DQ,
 # Double backward. Names follow the contract: dds is the tangent of S, dd and b
 # the row statistics, dp_bar the cotangent of P, ds_bar = s * P * (dp_bar - b).
 #
-# Sweep 1 (per query tile) reduces dd, b and D over all keys, and on the way
-# assembles dO' = P ddV + ddP V = P ddV + (P * ddS) V - dd * O, which needs no
-# row statistic inside the loop. Sweep 2 computes Q' per query tile and K', V'
+# Sweep 1 (per query tile) reduces dd over all keys and on the way assembles
+# dO' = P ddV + ddP V = P ddV + (P * ddS) V - dd * O, which needs no row
+# statistic inside the loop; D and b follow from O, dO and dO' after it (five
+# products per tile pair). Sweep 2 computes Q' per query tile and K', V'
 # per key tile, each recomputing the tile products it needs.
 
 
 @triton.jit
-def _dbwd_rows_step(dd, c, acc_pddv, acc_psv, q, do, ddq, lse2, K, V, DDK, DDV, k_base, row_stride,
+def _dbwd_rows_step(dd, acc, q, ddq, lse2, K, V, DDK, DDV, k_base, row_stride,
                     start_n, offs_m, offs_n, offs_d, Tq, Tk, sm_scale, qk_scale,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr):
     cols = start_n + offs_n
@@ -293,14 +294,14 @@ def _dbwd_rows_step(dd, c, acc_pddv, acc_psv, q, do, ddq, lse2, K, V, DDK, DDV, 
     p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
     if MASK:
         p = tl.where(_visible(offs_m, cols, Tk, CAUSAL), p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
     dds = (tl.dot(ddq, tl.trans(k)) + tl.dot(q, tl.trans(ddk))) * sm_scale
     p_dds = p * dds
     dd += tl.sum(p_dds, 1)
-    c += tl.sum(p_dds * dp, 1)
-    acc_pddv += tl.dot(p.to(ddv.dtype), ddv)
-    acc_psv += tl.dot(p_dds.to(v.dtype), v)
-    return dd, c, acc_pddv, acc_psv
+    # P ddV and (P * ddS) V share one float32 accumulator: at head dim 128 a
+    # second [BLOCK_M, HEAD_DIM] accumulator is what made this kernel spill.
+    acc = tl.dot(p.to(ddv.dtype), ddv, acc)
+    acc = tl.dot(p_dds.to(v.dtype), v, acc)
+    return dd, acc
 
 
 @triton.jit
@@ -315,29 +316,31 @@ def attention_dbwd_rows(Q, K, V, O, DO, LSE, DDQ, DDK, DDV, sm_scale, Tq, Tk, H,
     offs_d = tl.arange(0, HEAD_DIM)
     qk_scale = sm_scale * LOG2E
     q = _load_rows(Q, q_base, offs_m, row_stride, offs_d, Tq, True)
-    do = _load_rows(DO, q_base, offs_m, row_stride, offs_d, Tq, True)
     ddq = _load_rows(DDQ, q_base, offs_m, row_stride, offs_d, Tq, True)
-    o = _load_rows(O, q_base, offs_m, row_stride, offs_d, Tq, True).to(tl.float32)
     lse2 = _load_stat(LSE, stat_base, offs_m, Tq, True) * LOG2E
-    delta = tl.sum(o * do.to(tl.float32), 1)
 
     dd = tl.zeros([BLOCK_M], tl.float32)
-    c = tl.zeros([BLOCK_M], tl.float32)
-    acc_pddv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    acc_psv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full, hi = _key_ranges(start_m, Tk, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, full, BLOCK_N):
-        dd, c, acc_pddv, acc_psv = _dbwd_rows_step(
-            dd, c, acc_pddv, acc_psv, q, do, ddq, lse2, K, V, DDK, DDV, k_base, row_stride, start_n,
+        dd, acc = _dbwd_rows_step(
+            dd, acc, q, ddq, lse2, K, V, DDK, DDV, k_base, row_stride, start_n,
             offs_m, offs_n, offs_d, Tq, Tk, sm_scale, qk_scale, False, CAUSAL)
     for start_n in range(full, hi, BLOCK_N):
-        dd, c, acc_pddv, acc_psv = _dbwd_rows_step(
-            dd, c, acc_pddv, acc_psv, q, do, ddq, lse2, K, V, DDK, DDV, k_base, row_stride, start_n,
+        dd, acc = _dbwd_rows_step(
+            dd, acc, q, ddq, lse2, K, V, DDK, DDV, k_base, row_stride, start_n,
             offs_m, offs_n, offs_d, Tq, Tk, sm_scale, qk_scale, True, CAUSAL)
 
-    # b = rowsum(dO * (P ddV)) - 2 D dd + rowsum(P * dP * ddS): the contract's one-sweep form.
-    b = tl.sum(do.to(tl.float32) * acc_pddv, 1) - 2.0 * delta * dd + c
-    gdo = acc_pddv + acc_psv - dd[:, None] * o
+    # O and dO are read only after the loop: held across it (O as a float32
+    # tile), they took registers the head-dim-128 loop needs.
+    o = _load_rows(O, q_base, offs_m, row_stride, offs_d, Tq, True).to(tl.float32)
+    do32 = _load_rows(DO, q_base, offs_m, row_stride, offs_d, Tq, True).to(tl.float32)
+    delta = tl.sum(o * do32, 1)
+    gdo = acc - dd[:, None] * o
+    # The contract's one-sweep b = rowsum(dO * (P ddV)) - 2 D dd + rowsum(P dP ddS)
+    # equals rowsum(dO * dO') - D dd, since rowsum(dO * ((P * ddS) V)) is
+    # rowsum(P * ddS * dP): the loop needs no second row sum.
+    b = tl.sum(do32 * gdo, 1) - delta * dd
     rows_ok = offs_m < Tq
     tl.store(GDO + q_base + offs_m[:, None] * row_stride + offs_d[None, :],
              gdo.to(GDO.dtype.element_ty), mask=rows_ok[:, None])
