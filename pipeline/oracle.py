@@ -13,9 +13,11 @@ s = -tau: up-weighting a row with high s lowers the target loss.
 Making this fit in memory:
   * Adam must be differentiable at nu = 0: the epsilon sits inside the square
     root (`eps_root` > 0), otherwise d sqrt(nu)/d nu is infinite.
-  * The T steps are a `lax.scan` of `jax.checkpoint`ed steps, nested once
-    (`segments` outer steps of T/segments inner ones), so the backward pass keeps
-    about 2 sqrt(T) optimizer states instead of T.
+  * The reverse pass over the T steps is written out (`_two_level_grad`) and
+    checkpointed in two levels (`segments` segments of ceil(T/segments) steps),
+    so it keeps about 2 sqrt(T) - 2 optimizer states instead of T. Written out
+    rather than as nested `jax.checkpoint`ed scans, it stores no state twice
+    (measurements: pipeline/MEMORY.md).
   * Each step's gradient over the k rows is accumulated over micro-batches of
     `micro_batch` rows, each one rematerialized, so activations for only one
     micro-batch are live at a time (and the accumulator, being linear, needs no
@@ -108,20 +110,100 @@ def _weighted_grad(params, w, seqs, cfg, micro):
     return jax.lax.scan(body, zeros, xs)[0]
 
 
-def _checkpointed_steps(step, carry, n):
-    if n == 0:
-        return carry
-    return jax.lax.scan(jax.checkpoint(lambda c, _: (step(c), None)), carry, None, length=n)[0]
+def _tree_get(stack, i):
+    return jax.tree_util.tree_map(lambda s: jax.lax.dynamic_index_in_dim(s, i, keepdims=False),
+                                  stack)
 
 
-def _nested_steps(step, carry, steps, segments):
-    """`steps` applications of `step`, as `segments` checkpointed segments of
-    checkpointed steps (plus a tail when `segments` does not divide `steps`)."""
-    segments = max(1, min(segments, steps))
-    per = steps // segments
-    segment = jax.checkpoint(lambda c, _: (_checkpointed_steps(step, c, per), None))
-    carry = jax.lax.scan(segment, carry, None, length=segments)[0]
-    return _checkpointed_steps(step, carry, steps - segments * per)
+def _tree_put(stack, i, tree):
+    return jax.tree_util.tree_map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0),
+                                  stack, tree)
+
+
+def _tree_where(pred, a, b):
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+def _empty_stack(tree, n):
+    return jax.tree_util.tree_map(lambda x: jnp.zeros((n,) + x.shape, x.dtype), tree)
+
+
+def _two_level_grad(step, init_fn, w, steps, per, final_grad):
+    """(aux, d<ct, final carry>/dw) for `steps` applications of carry ->
+    step(carry, w) from init_fn(), where (aux, ct) = final_grad(final carry) and
+    ct holds cotangents of the carry's inexact leaves in `tree_leaves` order.
+    The reverse sweep is written out and checkpointed in two levels.
+
+    The steps are cut into segments of `per`. The forward keeps the carry at the
+    start of each segment but the first, the backward recomputes one segment at
+    a time keeping the carry at each of its steps but the first; the missing
+    first ones are read from the level above, and the initial carry is rebuilt
+    by `init_fn()` (the base parameters, which the caller holds anyway, and zero
+    moments) where it is needed. So (segments - 1) + (per - 1) carries are
+    stored, two fewer than nested `jax.checkpoint`ed scans, which store each
+    segment's input twice and the initial state once more. Peeling those first
+    steps off the scans instead costs more than it saves: XLA does not share
+    buffers between a step's backward outside a loop and the same backward
+    inside one, so here every step's backward is the same loop body.
+    """
+    n_seg = -(-steps // per)
+    init = init_fn()
+    leaves, treedef = jax.tree_util.tree_flatten(init)
+    inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+
+    def split(carry):
+        ls = jax.tree_util.tree_leaves(carry)
+        return ([x for x, f in zip(ls, inexact) if f], [x for x, f in zip(ls, inexact) if not f])
+
+    def join(floats, others):
+        floats, others = iter(floats), iter(others)
+        return jax.tree_util.tree_unflatten(
+            treedef, [next(floats) if f else next(others) for f in inexact])
+
+    def seg_len(i):
+        return jnp.minimum(per, steps - i * per)
+
+    def forward(i, val):
+        carry, bounds = val
+        if n_seg > 1:  # slot i - 1 holds the start of segment i (i = 0 writes a placeholder)
+            bounds = _tree_put(bounds, jnp.maximum(i - 1, 0), carry)
+        return jax.lax.fori_loop(0, seg_len(i), lambda _, c: step(c, w), carry), bounds
+
+    bounds = _empty_stack(init, max(n_seg - 1, 1)) if n_seg > 1 else None
+    final, bounds = jax.lax.fori_loop(0, n_seg, forward, (init, bounds))
+
+    def segment_start(i):
+        if n_seg == 1:
+            return init_fn()
+        return _tree_where(i == 0, init_fn(), _tree_get(bounds, jnp.maximum(i - 1, 0)))
+
+    def backward_segment(r, val):
+        i = n_seg - 1 - r
+        n = seg_len(i)
+        states = None
+        if per > 1:  # slot j - 1 holds the carry before step j of this segment
+            def recompute(j, v):
+                carry, stack = v
+                carry = step(carry, w)
+                return carry, _tree_put(stack, j, carry)
+            states = jax.lax.fori_loop(0, n - 1, recompute,
+                                       (segment_start(i), _empty_stack(init, per - 1)))[1]
+
+        def backward_step(r2, v):
+            ct, tau = v
+            j = n - 1 - r2
+            carry = segment_start(i) if per == 1 else _tree_where(
+                j == 0, segment_start(i), _tree_get(states, jnp.maximum(j - 1, 0)))
+            floats, others = split(carry)
+            _, vjp = jax.vjp(lambda f, w_: split(step(join(f, others), w_))[0], floats, w)
+            ct, ct_w = vjp(ct)
+            return ct, tau + ct_w
+
+        return jax.lax.fori_loop(0, n, backward_step, val)
+
+    aux, ct = final_grad(final)
+    _, tau = jax.lax.fori_loop(0, n_seg, backward_segment, (ct, jnp.zeros_like(w)))
+    return aux, tau
 
 
 def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, inner_steps: int,
@@ -131,31 +213,42 @@ def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, in
     """tau = dPhi/dw [k] at w = 1 for one round (see the module docstring). Jittable:
     all keyword arguments and `model_cfg`, `inner_steps` are static.
 
-    The inner loop is rematerialized as nested scans: `segments` outer segments
-    (~sqrt(T) when None), so about 2 sqrt(T) optimizer states are kept.
+    The inner loop is rematerialized in two levels (`_two_level_grad`):
+    `segments` segments (~sqrt(T) when None) of ceil(T / segments) steps, so
+    about 2 sqrt(T) - 2 optimizer states are kept.
     """
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
     if eps_root <= 0:
         raise ValueError(f"eps_root must be > 0 for a differentiable Adam, got {eps_root}")
+    if segments is not None and segments < 1:
+        raise ValueError(f"segments must be >= 1, got {segments}")
     train_seqs = jnp.asarray(train_seqs)
     target_seqs = jnp.asarray(target_seqs)
     k = train_seqs.shape[0]
     opt = optax.adam(inner_lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    segments = segments or max(1, round(math.sqrt(inner_steps)))
+    segments = min(segments or max(1, round(math.sqrt(inner_steps))), inner_steps)
+    per = -(-inner_steps // segments)
 
-    def phi(w):
-        def step(carry):
-            theta, state = carry
-            g = _weighted_grad(theta, w, train_seqs, model_cfg, micro_batch)
-            updates, state = opt.update(g, state, theta)
-            return optax.apply_updates(theta, updates), state
+    def step(carry, w):
+        theta, state = carry
+        g = _weighted_grad(theta, w, train_seqs, model_cfg, micro_batch)
+        updates, state = opt.update(g, state, theta)
+        return optax.apply_updates(theta, updates), state
 
-        theta, _ = _nested_steps(step, (params, opt.init(params)), inner_steps, segments)
+    def phi(theta):
         return _mean_loss(theta, target_seqs, model_cfg, target_micro_batch)
 
+    def final_grad(final):
+        # Phi depends on theta_T only: the Adam moments' cotangents start at zero.
+        value, g = jax.value_and_grad(phi)(final[0])
+        moments = [jnp.zeros_like(x) for x in jax.tree_util.tree_leaves(final[1])
+                   if jnp.issubdtype(x.dtype, jnp.inexact)]
+        return value, jax.tree_util.tree_leaves(g) + moments
+
     w = jnp.ones((k,), jnp.result_type(*jax.tree_util.tree_leaves(params)))
-    value, tau = jax.value_and_grad(phi)(w)
+    value, tau = _two_level_grad(step, lambda: (params, opt.init(params)), w, inner_steps, per,
+                                 final_grad)
     return (tau, value) if return_phi else tau
 
 
