@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jax
+import pytest
 
 try:  # optional: NVTX ranges show the stages in nsys / filter them in ncu
     import nvtx as _nvtx
@@ -246,6 +247,18 @@ def record_oom(benchmark, message):
              "stats": None, "extra_info": dict(benchmark.extra_info)}
     OOM_RECORDS.append(entry)
     emit(entry)
+
+
+def settle_memory(benchmark, info, stats_before, failure, what):
+    """After the timed attempt: add the memory figures; on out of memory (`failure`
+    is its message) also free what the attempt left, record it and skip the test.
+    The caller drops its own references to the attempt's device buffers first."""
+    if failure is not None:
+        release_memory()
+        add_memory(info, stats_before)
+        record_oom(benchmark, failure)
+        pytest.skip(f"out of memory: {what}")
+    add_memory(info, stats_before)
 
 
 def release_memory():

@@ -142,11 +142,7 @@ def _bench(benchmark, stage, impl, shape):
         failure = f"{type(err).__name__}: {err}"
     if failure is not None:
         sets = None  # drop the device buffers before the next benchmark allocates
-        harness.release_memory()
-        harness.add_memory(info, before)
-        harness.record_oom(benchmark, failure)
-        pytest.skip(f"out of memory: {impl} {stage} {shape.id}")
-    harness.add_memory(info, before)
+    harness.settle_memory(benchmark, info, before, failure, f"{impl} {stage} {shape.id}")
     if median is not None:
         info["median_s"] = median
         info["tflops"] = info["flops"] / median / 1e12
