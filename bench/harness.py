@@ -15,7 +15,6 @@ way still leaves its finished numbers).
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -28,12 +27,7 @@ from pathlib import Path
 import jax
 import pytest
 
-try:  # optional: NVTX ranges show the stages in nsys / filter them in ncu
-    import nvtx as _nvtx
-except ImportError:  # pragma: no cover - nvtx is a dependency, but benches must not need it
-    _nvtx = None
-
-NVTX_DOMAIN = "mgd"
+from mgd.profiling import DOMAIN as NVTX_DOMAIN, nvtx_range  # noqa: F401 - re-exported
 REPO = Path(__file__).resolve().parent.parent
 
 # Out-of-memory points, added to the saved JSON under "mgd_oom" by bench/conftest.py
@@ -59,23 +53,6 @@ def _env_float(name, default):
         return float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
-
-
-@contextlib.contextmanager
-def nvtx_range(name):
-    """A process-wide (start/end) NVTX range in domain "mgd".
-
-    Start/end rather than push/pop: XLA may launch kernels from a thread other
-    than the Python one, and only process ranges enclose launches on any thread.
-    """
-    if _nvtx is None:
-        yield
-        return
-    handle = _nvtx.start_range(message=name, domain=NVTX_DOMAIN)
-    try:
-        yield
-    finally:
-        _nvtx.end_range(handle)
 
 
 # ---------------------------------------------------------------- provenance

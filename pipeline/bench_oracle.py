@@ -155,6 +155,9 @@ def main(argv=None):
     ap.add_argument("--short", type=int, default=128, help="L of the per-implementation sweep")
     ap.add_argument("--long", type=int, default=2048, help="L of the run with the fastest impl (0: skip)")
     ap.add_argument("--long-impl", default=None, help="force the implementation of the long run")
+    ap.add_argument("--long-first", action="store_true",
+                    help="run the long length first (needs --long-impl), so a time cap "
+                         "cuts the per-implementation sweep rather than the long run")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--inner-steps", type=int, default=16)
     # 2, not 4: with 4 the L=128 round is estimated at 16.5 GB, over the 16 GB bar
@@ -181,6 +184,8 @@ def main(argv=None):
         return _child(args)
     if args.out is None:
         ap.error("--out is required")
+    if args.long_first and not args.long_impl:
+        ap.error("--long-first needs --long-impl")
 
     results = {"note": f"random {args.shape}-shaped parameters: cost figures only",
                "bar": "L=128 round <= 16 GB; L=2048 must fit one H200", "runs": []}
@@ -192,23 +197,30 @@ def main(argv=None):
         os.replace(tmp, args.out)
 
     save()
+
+    def run_long(impl):
+        res = _run_child(impl, args.long, args.micro_batch_long, args, args.repeats_long)
+        results["runs"].append(res)
+        save()
+        _log(f"{impl} L={args.long}: {res.get('status')} round_s={res.get('round_s')} "
+             f"peak_gib={res.get('peak_gib')} {res.get('error') or ''}")
+
+    long_wanted = bool(args.long) and not args.estimate
+    if long_wanted and args.long_first:
+        run_long(args.long_impl)
     for impl in [s for s in args.impls.split(",") if s]:
         res = _run_child(impl, args.short, args.micro_batch_short, args, args.repeats)
         results["runs"].append(res)
         save()
         _log(f"{impl} L={args.short}: {res.get('status')} round_s={res.get('round_s')} "
              f"peak_gib={res.get('peak_gib')} {res.get('reason') or res.get('error') or ''}")
-    if args.long and not args.estimate:
+    if long_wanted and not args.long_first:
         ok = [r for r in results["runs"] if r.get("status") == "ok"]
         impl = args.long_impl or (min(ok, key=lambda r: r["round_s"])["impl"] if ok else None)
         if impl is None:
             _log("no implementation succeeded at the short length; skipping the long run")
         else:
-            res = _run_child(impl, args.long, args.micro_batch_long, args, args.repeats_long)
-            results["runs"].append(res)
-            save()
-            _log(f"{impl} L={args.long}: {res.get('status')} round_s={res.get('round_s')} "
-                 f"peak_gib={res.get('peak_gib')} {res.get('error') or ''}")
+            run_long(impl)
     _log(f"wrote {args.out}")
 
 

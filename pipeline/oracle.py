@@ -43,6 +43,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mgd.pipeline import artifacts
+from mgd.profiling import nvtx_range
 from mgd.pipeline.model import GPTConfig, per_example_loss
 
 __all__ = ["OracleConfig", "metagradient_round", "make_round_fn", "plan_rounds", "zscore",
@@ -382,9 +383,10 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
         ids = np.arange(done, done + n_dev)
         ids = np.minimum(ids, oc.rounds - 1)  # pad the last group by repeating a round
         t0 = time.perf_counter()
-        out_tau, out_phi = fn(params, jax.device_put(tokens[round_indices[ids]], split),
-                              jax.device_put(targets[round_targets[ids]], split))
-        out_tau, out_phi = np.asarray(out_tau), np.asarray(out_phi)
+        with nvtx_range("metagradient_round"):  # np.asarray waits for the round
+            out_tau, out_phi = fn(params, jax.device_put(tokens[round_indices[ids]], split),
+                                  jax.device_put(targets[round_targets[ids]], split))
+            out_tau, out_phi = np.asarray(out_tau), np.asarray(out_phi)
         if not np.all(np.isfinite(out_tau)):
             raise FloatingPointError(f"non-finite metagradient in rounds {ids.tolist()}; "
                                      "lower inner_lr or raise eps_root")

@@ -68,7 +68,7 @@ def smoke() -> Preset:
 
 def demo() -> Preset:
     """The demonstration on one H200, sized for at most 8 minutes end to end (the
-    target; not yet measured there: scripts/gpu_pipeline.sh runs it).
+    target; not yet measured there: `scripts/gpu_run.sh demo` runs it).
 
     28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
     256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models

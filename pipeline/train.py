@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from mgd.pipeline import artifacts
+from mgd.profiling import nvtx_range
 from mgd.pipeline.model import GPTConfig, per_example_loss
 
 __all__ = ["TrainConfig", "train", "eval_loss", "make_optimizer", "batch_indices"]
@@ -175,9 +176,11 @@ def train(params, tokens, model_cfg: GPTConfig, train_cfg: TrainConfig, ckpt_dir
         bar = tqdm(total=tc.steps, initial=step, desc="train", dynamic_ncols=True)
     while step < tc.steps:
         batch = jnp.asarray(tokens[batch_indices(len(tokens), tc.batch_size, tc.seed, step)])
-        params, opt_state, loss = update(params, opt_state, batch)
+        with nvtx_range("optimizer_step"):  # float(loss) waits for the step's kernels
+            params, opt_state, loss = update(params, opt_state, batch)
+            train_loss = float(loss)
         step += 1
-        entry = {"step": step, "train_loss": float(loss), "lr": float(schedule(step - 1))}
+        entry = {"step": step, "train_loss": train_loss, "lr": float(schedule(step - 1))}
         if not math.isfinite(entry["train_loss"]):
             raise FloatingPointError(f"training loss is {loss} at step {step}; lower the lr")
         if eval_sets and ((tc.eval_every and step % tc.eval_every == 0) or step == tc.steps):

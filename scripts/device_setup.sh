@@ -11,7 +11,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 # The image's python3 already has jax, scikit-build-core, cmake and ninja.
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-  -Cbuild-dir=build/device 2>&1 | tail -n 20 || return 1
+  -Cbuild-dir="${MGD_BUILD_DIR:-build/device}" 2>&1 | tail -n 20 || return 1
 export MGD_DEVICE_SETUP_DONE=1
 python3 - <<'PY'
 import jax, mgd

@@ -1,30 +1,71 @@
 #!/usr/bin/env bash
-# The one GPU script: build (with the CUDA extension), run the GPU tests, and time
-# every implementation side by side, writing everything under $OUT.
+# The one GPU script: build (with the CUDA extension), run the GPU tests, tune the
+# references, and time every implementation side by side and the pipeline's GPU
+# stages, writing everything under $OUT.
 #
-# On the lent H200 (device tool), from the repository root, carrying .whl
-# (scripts/fetch_device_wheels.sh fills it):
-#     bash scripts/gpu_run.sh
-# Elsewhere, on any machine with an NVIDIA Hopper GPU and the package's deps:
+#     bash scripts/gpu_run.sh [PART ...]        (no PART: all of them, in this order)
+#
+# PARTs:
+#   tune      reference tile tables on this GPU (scripts/tune_references.sh); the tuned
+#             tables are used by every later part of the same call
+#   tests     GPU tests (tests/ -m gpu; hypothesis profile $HYPOTHESIS_PROFILE, "device")
+#   variants  CUDA kernel variants timed side by side, ncu summary (scripts/cuda_variants.sh)
+#   bench     kernel benchmarks, side by side: double backward, forward/backward,
+#             naive XLA, full HVP, then compare mode against the baseline saved first
+#   e2e       one metagradient round per attention implementation (bench/test_end_to_end.py)
+#   nvtx      the benchmarks' NVTX ranges seen through Nsight Compute's NVTX filter
+#   oracle    the GPT-2-small metagradient round: memory and time (pipeline/bench_oracle.py)
+#   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
+#
+# On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
+# fills both), with the whole call under its ten minutes:
+#     MGD_DEADLINE_S=560 MGD_COMMIT=<sha> bash scripts/gpu_run.sh tune tests bench
+# (scripts/device_call.sh prints that command for the committed HEAD, run from a clean
+# export of it so that uncommitted edits never reach the device.)
+# Elsewhere, on any machine with a Hopper GPU and the package's deps:
 #     OUT=results/$(date +%F) bash scripts/gpu_run.sh
 #
-# Time caps (seconds) keep it inside one ten-minute call: MGD_TEST_S for the GPU
-# tests, and each benchmark slice's own cap below, all multiplied by MGD_TIME_SCALE
-# (default 1; raise it where time is not short). A slice stopped by its cap still
-# writes what finished.
+# Time: each part (and each benchmark slice) has its own cap in seconds, multiplied by
+# MGD_TIME_SCALE (default 1). With MGD_DEADLINE_S set, no part runs past that many
+# seconds after the start: a part is cut to what is left, and skipped (said in the log)
+# when less than its minimum is left. A part stopped by its cap keeps what finished.
 set -uo pipefail
 OUT=${OUT:-/tmp/mgd_gpu_run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start ))s] $*"; }
+stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/summary.log"; }
+scale=${MGD_TIME_SCALE:-1}
+
+# left CAP MIN: seconds this step may take (CAP scaled, cut to the deadline), or 0
+# when less than MIN seconds are left before the deadline.
+left() {
+  local cap=$(( $1 * scale )) min=$2
+  if [ -n "${MGD_DEADLINE_S:-}" ]; then
+    local rest=$(( start + MGD_DEADLINE_S - $(date +%s) ))
+    [ "$rest" -lt "$min" ] && { echo 0; return; }
+    [ "$rest" -lt "$cap" ] && cap=$rest
+  fi
+  echo "$cap"
+}
+# capped CAP MIN NAME CMD...: run CMD under the cap, or say why it was skipped.
+capped() {
+  local cap name=$3
+  cap=$(left "$1" "$2"); shift 3
+  if [ "$cap" -le 0 ]; then stamp "$name: skipped (deadline)"; return 0; fi
+  stamp "$name (cap ${cap}s)"
+  timeout -s INT -k 10 "$cap" "$@"
+  local rc=$?
+  stamp "$name: exit $rc$([ $rc = 124 ] && echo ' (cap reached)')"
+}
 
 export MGD_COMMIT=${MGD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 {
   echo "date: $(date -u +%FT%TZ)"
   echo "commit: $MGD_COMMIT"
-  echo "command: bash scripts/gpu_run.sh"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  echo "command: MGD_DEADLINE_S=${MGD_DEADLINE_S:-} MGD_TIME_SCALE=$scale bash scripts/gpu_run.sh $*"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv
 } > "$OUT/env.txt" 2>&1
 
 stamp "setup (install in place, CUDA build)"
@@ -33,45 +74,111 @@ python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton._
 python3 -c "from mgd.bindings import cuda; lib, why = cuda._load(); print('cuda extension:', 'loaded' if lib else why)" >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-stamp "GPU tests"
-HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-quick} timeout -s INT "$(( ${MGD_TEST_S:-75} * ${MGD_TIME_SCALE:-1} ))" \
-  python3 -m pytest tests/test_cuda.py tests/test_pallas.py tests/test_triton.py tests/test_xla.py -m gpu -q -rfEs -p no:cacheprovider --durations=10 \
-  > "$OUT/gpu_tests.log" 2>&1
-stamp "GPU tests: $(tail -n 1 "$OUT/gpu_tests.log")"
+# ---- parts ---------------------------------------------------------------------------
+part_tune() {
+  mkdir -p "$OUT/tune"
+  capped 220 60 "tune references" env OUT="$OUT/tune" bash scripts/tune_references.sh \
+    > "$OUT/tune.log" 2>&1
+  stamp "tune: $(tail -n 1 "$OUT/tune.log")"
+}
 
-# One slice per head configuration so the grid is (12, 64) and (16, 128), not their
-# cross product. Every result also lands in bench.jsonl the moment it is measured.
-export MGD_BENCH_JSONL="$OUT/bench.jsonl" MGD_BENCH_B=1 MGD_BENCH_CAUSAL=1 MGD_BENCH_DTYPE=bfloat16
-export MGD_BENCH_MAX_S=${MGD_BENCH_MAX_S:-0.25} MGD_BENCH_SETS=${MGD_BENCH_SETS:-2}
-mkdir -p "$OUT/json"
+part_tests() {
+  HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-device} capped 120 40 "GPU tests" \
+    python3 -m pytest tests/test_cuda.py tests/test_pallas.py tests/test_triton.py tests/test_xla.py \
+    tests/test_api.py -m gpu -q -rfEs -p no:cacheprovider --durations=15 > "$OUT/gpu_tests.log" 2>&1
+  stamp "GPU tests: $(tail -n 1 "$OUT/gpu_tests.log")"
+}
+
+part_variants() {
+  mkdir -p "$OUT/variants"
+  capped 160 60 "CUDA variants" env OUT="$OUT/variants" bash scripts/cuda_variants.sh \
+    > "$OUT/variants.log" 2>&1
+}
+
 bench_slice() {  # name seconds impls lengths heads dim -k-expression [extra pytest args]
   local name=$1 seconds=$2 impls=$3 lengths=$4 heads=$5 dim=$6 expr=$7; shift 7
-  stamp "bench $name"
-  MGD_BENCH_IMPLS=$impls MGD_BENCH_T=$lengths MGD_BENCH_H=$heads MGD_BENCH_D=$dim \
-    timeout -s INT "$(( seconds * ${MGD_TIME_SCALE:-1} ))" python3 -m pytest bench -m "gpu and not e2e" -k "$expr" \
+  capped "$seconds" 15 "bench $name" \
+    env MGD_BENCH_IMPLS=$impls MGD_BENCH_T=$lengths MGD_BENCH_H=$heads MGD_BENCH_D=$dim python3 -m pytest bench -m "gpu and not e2e" -k "$expr" \
     -p no:cacheprovider -q -rs --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$OUT/json/$name.json" "$@" >> "$OUT/bench.log" 2>&1
   stamp "bench $name: $(tail -n 1 "$OUT/bench.log")"
 }
-# The double backward first (the point of the project), then the forward and
-# backward of the references, then naive autodiff (up to its out-of-memory point),
-# then the full Hessian-vector product through mgd.attention. The CUDA path's
-# forward and backward are the references' own (bindings/cuda.py), so only its
-# double backward and HVP are timed.
-lengths=1024,4096,8192,16384,32768
-bench_slice dbwd128 90 pallas,triton,cuda $lengths 16 128 "double_backward" \
-  --benchmark-storage="file://$OUT/storage" --benchmark-save=baseline
-bench_slice dbwd64 80 pallas,triton,cuda $lengths 12 64 "double_backward"
-bench_slice fb128 70 pallas,triton $lengths 16 128 "not hvp and not double_backward"
-bench_slice fb64 60 pallas,triton $lengths 12 64 "not hvp and not double_backward"
-bench_slice xla128 50 xla 1024,4096,8192,16384 16 128 "not hvp and (t16384 and double_backward or not t16384)"
-bench_slice xla64 25 xla 1024,4096,8192 12 64 "not hvp"
-bench_slice hvp 40 pallas,triton,cuda 8192 16 128 "hvp"
-# Compare mode against the baseline saved above: the regression gate users run.
-bench_slice compare 25 pallas,triton,cuda 4096 16 128 "double_backward" \
-  --benchmark-storage="file://$OUT/storage" --benchmark-compare=0001 \
-  --benchmark-compare-fail=median:25%
-rm -rf "$OUT/storage"
-# At most eight files come back from the device: the JSON runs travel as one archive.
-tar -C "$OUT" -czf "$OUT/bench_json.tgz" json && rm -rf "$OUT/json"
+
+part_bench() {
+  # One slice per head configuration so the grid is (12, 64) and (16, 128), not their
+  # cross product. Every result also lands in bench.jsonl the moment it is measured.
+  export MGD_BENCH_JSONL="$OUT/bench.jsonl" MGD_BENCH_B=1 MGD_BENCH_CAUSAL=1 MGD_BENCH_DTYPE=bfloat16
+  export MGD_BENCH_MAX_S=${MGD_BENCH_MAX_S:-0.25} MGD_BENCH_SETS=${MGD_BENCH_SETS:-2}
+  mkdir -p "$OUT/json"
+  local lengths=1024,4096,8192,16384,32768
+  # The double backward first (the point of the project), then the references'
+  # forward and backward, then naive autodiff (double backward first, up to its
+  # out-of-memory point), then the full HVP through mgd.attention.
+  bench_slice dbwd128 75 pallas,triton,cuda $lengths 16 128 "double_backward" \
+    --benchmark-storage="file://$OUT/storage" --benchmark-save=baseline
+  bench_slice dbwd64 60 pallas,triton,cuda $lengths 12 64 "double_backward"
+  bench_slice fb128 60 pallas,triton $lengths 16 128 "not hvp and not double_backward"
+  bench_slice fb64 50 pallas,triton $lengths 12 64 "not hvp and not double_backward"
+  bench_slice xladbwd 60 xla 1024,4096,8192,16384 16 128 "double_backward"
+  bench_slice xladbwd64 40 xla 1024,4096,8192 12 64 "double_backward"
+  bench_slice xlafb 50 xla 1024,4096,8192,16384 16 128 "not hvp and not double_backward"
+  bench_slice xlafb64 30 xla 1024,4096,8192 12 64 "not hvp and not double_backward"
+  bench_slice hvp 40 pallas,triton,cuda 8192 16 128 "hvp"
+  # Compare mode against the baseline saved above: the regression gate users run.
+  bench_slice compare 25 pallas,triton,cuda 4096 16 128 "double_backward" \
+    --benchmark-storage="file://$OUT/storage" --benchmark-compare=0001 \
+    --benchmark-compare-fail=median:25%
+  rm -rf "$OUT/storage"
+}
+
+part_e2e() {
+  mkdir -p "$OUT/json"
+  capped 200 30 "e2e bench" \
+    env MGD_BENCH_JSONL="$OUT/e2e.jsonl" MGD_BENCH_MAX_S=${MGD_BENCH_MAX_S:-0.25} python3 -m pytest bench/test_end_to_end.py -m "gpu and e2e" \
+    -p no:cacheprovider -q -rs --benchmark-json "$OUT/json/e2e.json" > "$OUT/e2e.log" 2>&1
+  stamp "e2e: $(tail -n 1 "$OUT/e2e.log")"
+}
+
+part_nvtx() {
+  # The kernels inside the benches' "mgd@forward" range, then inside a range that does
+  # not exist: the first must list kernels, the second none.
+  if ! command -v ncu > /dev/null; then stamp "nvtx: skipped (no ncu)"; return; fi
+  local sel=(python3 -m pytest bench -m gpu -k "test_forward and pallas and t1024" \
+             --benchmark-disable -p no:cacheprovider -q)
+  for range in "mgd@forward" "mgd@no_such_range"; do
+    capped 45 20 "ncu --nvtx-include $range" \
+      env MGD_BENCH_IMPLS=pallas MGD_BENCH_T=1024 MGD_BENCH_H=16 MGD_BENCH_D=128 ncu --clock-control none --nvtx \
+      --nvtx-include "$range" --metrics gpu__time_duration.sum --csv "${sel[@]}" \
+      > "$OUT/nvtx_${range#mgd@}.csv" 2>&1
+    stamp "nvtx $range: $(grep -c gpu__time_duration "$OUT/nvtx_${range#mgd@}.csv") kernel results"
+  done
+}
+
+part_oracle() {
+  capped 420 90 "oracle round" python3 -m mgd.pipeline.bench_oracle --out "$OUT/oracle.json" \
+    --impls "${MGD_ORACLE_IMPLS:-cuda,pallas,xla,triton}" --long 2048 \
+    --long-impl "${MGD_ORACLE_LONG_IMPL:-cuda}" --long-first --repeats 1 > "$OUT/oracle.log" 2>&1
+}
+
+part_demo() {
+  # Its own time is the bar (issue #7: at most 8 minutes on one H200); the report's
+  # stage timings say where it went.
+  local run_dir=${MGD_RUNS_DIR:-runs}/demo
+  capped 540 120 "demo preset" env MGD_DATA_DIR=.mgd-data python3 -m mgd.cli run --preset demo \
+    --out "$run_dir" --no-progress > "$OUT/demo.log" 2>&1
+  [ -d "$run_dir" ] && tar -C "$run_dir" -czf "$OUT/demo_run.tgz" --exclude='_ckpt' --exclude='*.npz' .
+}
+
+parts=${*:-tune tests variants bench e2e nvtx oracle demo}
+for part in $parts; do
+  case $part in
+    tune|tests|variants|bench|e2e|nvtx|oracle|demo) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo)"; exit 2 ;;
+  esac
+done
+
 stamp "done"
+# Few files come back from the device: all but the summary travel as one archive.
+cp "$OUT/summary.log" /tmp/mgd_summary.log
+tar -C "$OUT" -czf /tmp/mgd_results.tgz . && rm -rf "${OUT:?}"/* \
+  && mv /tmp/mgd_results.tgz "$OUT/results.tgz" && mv /tmp/mgd_summary.log "$OUT/summary.log"
