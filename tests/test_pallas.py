@@ -18,7 +18,8 @@ import mgd
 from mgd.reference import pallas
 from mgd.reference import xla as xla_backend
 from mgd.reference.pallas import configs as pallas_configs
-from tests.support import DTYPES, attention_shapes, draw, rel_l2, reference_all, tolerance
+from tests.support import (DTYPES, attention_shapes, draw, hvp, reference_all, reference_hvp, rel_l2,
+                           tolerance)
 
 ORDER_NAMES = ("forward", "backward", "double backward")
 
@@ -179,3 +180,41 @@ def test_gpu_long_sequence_runs_in_linear_memory():
     o, lse = pallas.forward(q, k, v, causal=True, scale=s)
     out = pallas.double_backward(q, k, v, o, lse, do, ddq, ddk, ddv, causal=True, scale=s)
     assert all(bool(jnp.all(jnp.isfinite(x.astype(jnp.float32)))) for x in out)
+
+
+# Hypothesis sweeps on the GPU, bounded under every profile (the device one
+# included). Each new shape compiles every Pallas kernel again (Triton, inside
+# XLA), so the shapes come from GPU_CASES, which the test above compiles
+# anyway; what varies per example is the inputs (fresh draws), and for the
+# second derivative the mask and dtype at one small shape.
+GPU_SWEEP_CASES = (GPU_CASES[3], GPU_CASES[4], GPU_CASES[5])
+GPU_SWEEP_EXAMPLES = min(settings().max_examples, 6)
+
+
+@pytest.mark.gpu
+@settings(max_examples=GPU_SWEEP_EXAMPLES)
+@given(st.sampled_from(GPU_SWEEP_CASES), st.integers(0, 2**31 - 1))
+def test_gpu_primitives_sweep_match_float64_reference(case, seed):
+    _check_all_primitives(np.random.default_rng(seed), *case)
+
+
+@pytest.mark.gpu
+@settings(max_examples=GPU_SWEEP_EXAMPLES)
+@given(st.booleans(), st.integers(0, 2**31 - 1))
+def test_gpu_grad_of_grad_sweep_matches_float64_hvp(causal, seed):
+    """Reverse-over-reverse HVP through mgd.attention(impl="pallas") with a loss
+    nonlinear in O, against the closed-form float64 product (bf16: the
+    benchmark's dtype; one compile per mask)."""
+    dtype_name = "bfloat16"
+    rng = np.random.default_rng(seed)
+    dtype = DTYPES[dtype_name]
+    shape = (1, 200, 2, 64)
+    q, k, v, uq, uk, uv = (draw(rng, shape, dtype) for _ in range(6))
+    c = draw(rng, shape, jnp.float32)
+    attention = lambda q, k, v: mgd.attention(q, k, v, causal=causal, impl="pallas")  # noqa: E731
+    got = hvp(attention, q, k, v, c, uq, uk, uv)
+    want = reference_hvp(q, k, v, c, uq, uk, uv, causal=causal)
+    for name, g, w in zip(("q", "k", "v"), got, want):
+        assert g.dtype == dtype
+        err = rel_l2(g, w)
+        assert err < tolerance(dtype_name, 2), f"hvp_{name}: rel L2 {err:.3g} ({dtype_name}, causal={causal})"

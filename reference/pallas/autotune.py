@@ -5,9 +5,17 @@
 For each (head dim, causal, length range) the sweep times each kernel alone, at
 one representative length per range (configs.RANGES), on fresh random inputs:
 all candidates are compiled first (in parallel), then each is warmed up and
-timed with block_until_ready around every call, and the median is kept. The
-fastest candidate wins; the JSON table holds the winners and the CSV every
-timing (or the compile error), so the choice can be audited.
+timed with block_until_ready around every call, and the median is kept. Each
+candidate's outputs are first compared with the default config's on the same
+inputs (relative L2 within the bf16 tolerance of the kernel's derivative
+order); one that disagrees, fails to compile or fails to run is dropped. The
+fastest remaining candidate wins; the JSON table holds the winners and the CSV
+every timing (or the error), so the choice can be audited.
+
+By default a run merges into the existing table and CSV: the keys it sweeps
+(say, --causal full --ranges medium) replace theirs, the others are kept.
+--budget-s stops the sweep between kernels; the files are rewritten after
+every kernel, so a sweep cut short keeps what it measured.
 """
 from __future__ import annotations
 
@@ -92,6 +100,24 @@ def _inputs(rng, b, t, h, d, dtype, causal, scale):
     return jax.block_until_ready(x)
 
 
+# bf16 tolerances of the tests (tests/support.py) by derivative order: two
+# configs of one kernel differ only in summation order and rounding points.
+AGREE_TOL = {"forward": 1.5e-2, "backward_dkdv": 3e-2, "backward_dq": 3e-2,
+             "double_backward_rows": 5e-2, "double_backward_q": 5e-2, "double_backward_kv": 5e-2}
+
+
+def _rel_l2(out, ref):
+    """Worst relative L2 error over the outputs (inf if any is not finite)."""
+    worst = 0.0
+    for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        x, r = (np.asarray(np.asarray(a, np.float32), np.float64) for a in (x, r))
+        if not np.all(np.isfinite(x)):
+            return float("inf")
+        floor = 1e-2 * np.sqrt(max(r.size, 1))
+        worst = max(worst, float(np.linalg.norm(x - r) / max(np.linalg.norm(r), floor)))
+    return worst
+
+
 def _median_ms(fn, x, *, warmup, reps, min_seconds):
     """Median milliseconds per call over >= reps samples.
 
@@ -141,9 +167,10 @@ def time_primitives(lengths, head_configs, dtype, table, log):
 
 
 def sweep(*, head_configs, causal_values, ranges, dtype, kernels, warmup, reps, min_seconds, log,
-          checkpoint=lambda rows, table: None):
+          checkpoint=lambda rows, table: None, budget_s=None):
     rng = np.random.default_rng(0)
     rows, table = [], {}
+    started = time.perf_counter()
     for h, d in head_configs:
         for causal in causal_values:
             for _, label, t in cfgs.RANGES:
@@ -152,9 +179,14 @@ def sweep(*, head_configs, causal_values, ranges, dtype, kernels, warmup, reps, 
                 scale = 1.0 / float(np.sqrt(d))
                 x = _inputs(rng, 1, t, h, d, dtype, causal, scale)
                 for kernel in kernels:
+                    if budget_s is not None and time.perf_counter() - started > budget_s:
+                        log(f"budget of {budget_s:.0f} s spent; stopping the sweep here")
+                        return rows, table
                     run = _launcher(kernel, causal, scale, t)
                     cands = [_as_config(cand) for cand in CANDIDATES[kernel]]
-                    jitted = [jax.jit(functools.partial(run, config=cfg)) for cfg in cands]
+                    # The default config's outputs are the yardstick of every candidate.
+                    default = cfgs.fit_blocks(cfgs.default(kernel, interpret=False), t, t)
+                    jitted = [jax.jit(functools.partial(run, config=cfg)) for cfg in [default] + cands]
 
                     def compile_one(fn):
                         try:
@@ -164,18 +196,34 @@ def sweep(*, head_configs, causal_values, ranges, dtype, kernels, warmup, reps, 
 
                     with concurrent.futures.ThreadPoolExecutor(8) as pool:
                         compiled = list(pool.map(compile_one, jitted))
+                    (ref_fn, ref_error), compiled = compiled[0], compiled[1:]
+                    ref = None
+                    if ref_fn is not None:
+                        try:
+                            ref = jax.block_until_ready(ref_fn(x))
+                        except Exception as err:  # noqa: BLE001
+                            ref_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    if ref is None or not np.isfinite(_rel_l2(ref, ref)):
+                        log(f"{kernel} H{h} D{d}: the default config gives no usable yardstick "
+                            f"({ref_error or 'non-finite output'}); not tuned")
+                        continue
                     best = None
                     for cfg, (fn, error) in zip(cands, compiled):
-                        ms, n = float("nan"), 0
+                        ms, n, err_l2 = float("nan"), 0, float("nan")
                         if fn is not None:
                             try:
-                                ms, n = _median_ms(fn, x, warmup=warmup, reps=reps,
-                                                   min_seconds=min_seconds)
+                                err_l2 = _rel_l2(fn(x), ref)
+                                if err_l2 > AGREE_TOL[kernel]:
+                                    error = (f"wrong: disagrees with the default config "
+                                             f"(rel L2 {err_l2:.2e})")
+                                else:
+                                    ms, n = _median_ms(fn, x, warmup=warmup, reps=reps,
+                                                       min_seconds=min_seconds)
                             except Exception as err:
                                 error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
                         rows.append(dict(kernel=kernel, head_dim=d, heads=h, causal=causal,
                                          range=label, t=t, **cfg, median_ms=ms, runs=n,
-                                         error=error or ""))
+                                         rel_err_vs_default=err_l2, error=error or ""))
                         if error is None and (best is None or ms < best[0]):
                             best = (ms, cfg)
                         log(f"{kernel:22s} H{h} D{d} {'causal' if causal else 'full':6s} T{t:6d} "
@@ -202,6 +250,11 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--min-seconds", type=float, default=0.05,
                         help="keep timing a candidate at least this long (and >= --reps runs)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop sweeping after this many seconds (the files keep what was timed)")
+    parser.add_argument("--replace", action="store_true",
+                        help="write only this sweep's results (default: merge into the existing "
+                             "table and CSV, replacing the keys swept)")
     parser.add_argument("--time-primitives", default="",
                         help="after tuning, time forward/backward/double_backward at these "
                              "comma-separated lengths with the new table")
@@ -215,11 +268,33 @@ def main(argv=None):
     started = time.time()
     csv_path = args.csv or os.path.splitext(args.out)[0] + ".csv"
 
+    old_rows, old_table, old_meta = [], {}, {}
+    if not args.replace:
+        if os.path.exists(csv_path):
+            with open(csv_path, newline="") as f:
+                old_rows = list(csv.DictReader(f))
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                saved = json.load(f)
+            old_table, old_meta = saved.get("configs", {}), saved.get("meta", {})
+
+    def row_key(row):
+        return (row["kernel"], str(row["head_dim"]), str(row["causal"]), row["range"])
+
     def write(rows, table):
-        with open(csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        swept = {row_key(r) for r in rows}
+        all_rows = [r for r in old_rows if row_key(r) not in swept] + rows
+        merged = {k: dict(v) for k, v in old_table.items()}
+        for kernel, entries in table.items():
+            merged.setdefault(kernel, {}).update(entries)
+        fields = list(dict.fromkeys(f for r in all_rows for f in r))
+        # Written beside the target and renamed: a sweep killed mid-write
+        # leaves the previous file, never half of one.
+        with open(csv_path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(all_rows)
+        os.replace(csv_path + ".tmp", csv_path)
         meta = {"written": datetime.datetime.now(datetime.timezone.utc).isoformat(
                     timespec="seconds"),
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -227,16 +302,30 @@ def main(argv=None):
                 "ranges": [[bound, label, t] for bound, label, t in cfgs.RANGES],
                 "timing": f"median of >= {args.reps} runs after {args.warmup} warm-up, "
                           "block_until_ready per call, B=1, random normal inputs",
-                "sweep_seconds": round(time.time() - started, 1)}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "configs": table}, f, indent=1, sort_keys=True)
+                "sweep_seconds": round(time.time() - started, 1),
+                "selection": "fastest candidate whose outputs agree with the default config's "
+                             "(AGREE_TOL); CSV column error says why a candidate was dropped"}
+        if old_meta and not args.replace:
+            meta["earlier_sweeps"] = old_meta.get("earlier_sweeps", []) + [
+                {k: v for k, v in old_meta.items() if k != "earlier_sweeps"}]
+        meta["this_sweep"] = {"heads": args.heads, "causal": args.causal, "ranges": args.ranges}
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({"meta": meta, "configs": merged}, f, indent=1, sort_keys=True)
+        os.replace(args.out + ".tmp", args.out)
         return meta
 
-    rows, table = sweep(head_configs=head_configs, causal_values=causal_values,
-                        ranges=args.ranges.split(","), dtype=jnp.dtype(args.dtype),
-                        kernels=kernels, warmup=args.warmup, reps=args.reps,
-                        min_seconds=args.min_seconds, log=lambda line: print(line, flush=True),
-                        checkpoint=write)
+    try:
+        rows, table = sweep(head_configs=head_configs, causal_values=causal_values,
+                            ranges=args.ranges.split(","), dtype=jnp.dtype(args.dtype),
+                            kernels=kernels, warmup=args.warmup, reps=args.reps,
+                            min_seconds=args.min_seconds, log=lambda line: print(line, flush=True),
+                            checkpoint=write, budget_s=args.budget_s)
+    except KeyboardInterrupt:  # the files hold every kernel finished before the signal
+        print("interrupted; the files keep the kernels swept so far", flush=True)
+        return
+    if not rows:
+        print("nothing was timed; the table is unchanged", flush=True)
+        return
     meta = write(rows, table)
     print(f"wrote {args.out} and {csv_path} in {meta['sweep_seconds']} s", flush=True)
     if args.time_primitives:
