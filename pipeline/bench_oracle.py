@@ -34,7 +34,9 @@ SHAPES = {
 
 
 def _log(msg):
-    print(f"[bench_oracle {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    # stderr, which the children share with the parent: a cut run still shows how far
+    # each measurement got. stdout carries only the children's RESULT lines.
+    print(f"[bench_oracle {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, repeats,
@@ -68,6 +70,7 @@ def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, 
     oc = oracle.OracleConfig(k=k, inner_steps=inner_steps, inner_lr=1e-4, micro_batch=micro_batch,
                              segments=segments, target_batch=target_batch)
     fn = oracle.make_round_fn(cfg, oc, target_micro_batch=micro_batch)
+    _log(f"{impl} L={seq_len}: compiling")
     t0 = time.perf_counter()
     compiled = fn.lower(params, train, target).compile()
     out["compile_s"] = time.perf_counter() - t0
@@ -131,21 +134,18 @@ def _run_child(impl, seq_len, micro_batch, args, repeats):
     _log("running: " + " ".join(cmd[1:]))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired as err:
-        tail = (err.stdout or b"")[-2000:] if isinstance(err.stdout, bytes) else (err.stdout or "")[-2000:]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
         return {"impl": impl, "seq_len": seq_len, "status": "timeout",
-                "timeout_s": args.child_timeout, "stdout_tail": str(tail)}
-    for line in proc.stderr.splitlines()[-5:]:
-        _log(f"  {impl}: {line}")
+                "timeout_s": args.child_timeout}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[len("RESULT "):])
             res["wall_s"] = time.perf_counter() - t0
             return res
-        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)
     return {"impl": impl, "seq_len": seq_len, "status": "crashed", "returncode": proc.returncode,
-            "stderr_tail": proc.stderr[-3000:]}
+            "see": "the log (the child's stderr)"}
 
 
 def main(argv=None):

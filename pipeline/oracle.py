@@ -66,6 +66,14 @@ class OracleConfig:
     b2: float = 0.999
     eps: float = 1e-8
     pool_size: int | None = None      # label a random subset of this many rows (None: all)
+    # Start the inner Adam from the base run's moments (mu, nu, step count) rather than
+    # from zeros. A fresh Adam's first steps are sign descent: lr * g / |g| does not
+    # change when a row's weight scales g, so dPhi/dw is left to second-order
+    # normalization effects (on the demo corpus those ranked off-target rows first).
+    # With the base run's nu the inner steps are preconditioned gradient steps and tau
+    # measures how a row's gradient aligns with the target's (the base model's
+    # training continues, as "starting from the base model" means).
+    warm_start: bool = True
 
     def __post_init__(self):
         for name in ("k", "inner_steps", "rounds", "target_batch"):
@@ -210,13 +218,16 @@ def _two_level_grad(step, init_fn, w, steps, per, final_grad):
 def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, inner_steps: int,
                        inner_lr: float, *, micro_batch=None, target_micro_batch=None,
                        segments=None, eps_root=1e-12, b1=0.9, b2=0.999, eps=1e-8,
-                       return_phi=False):
+                       adam_state=None, return_phi=False):
     """tau = dPhi/dw [k] at w = 1 for one round (see the module docstring). Jittable:
     all keyword arguments and `model_cfg`, `inner_steps` are static.
 
     The inner loop is rematerialized in two levels (`_two_level_grad`):
     `segments` segments (~sqrt(T) when None) of ceil(T / segments) steps, so
     about 2 sqrt(T) - 2 optimizer states are kept.
+
+    `adam_state`: (mu, nu, count) to start the inner Adam from (the base run's, see
+    `OracleConfig.warm_start`); None starts it from zeros.
     """
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
@@ -248,22 +259,30 @@ def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, in
         return value, jax.tree_util.tree_leaves(g) + moments
 
     w = jnp.ones((k,), jnp.result_type(*jax.tree_util.tree_leaves(params)))
-    value, tau = _two_level_grad(step, lambda: (params, opt.init(params)), w, inner_steps, per,
-                                 final_grad)
+    def init():
+        state = opt.init(params)
+        if adam_state is not None:
+            mu, nu, count = adam_state
+            state = (state[0]._replace(count=jnp.asarray(count, state[0].count.dtype),
+                                       mu=mu, nu=nu),) + tuple(state[1:])
+        return params, state
+
+    value, tau = _two_level_grad(step, init, w, inner_steps, per, final_grad)
     return (tau, value) if return_phi else tau
 
 
 @lru_cache(maxsize=16)
 def make_round_fn(model_cfg: GPTConfig, oc: OracleConfig, target_micro_batch=None):
-    """fn(params, train_seqs [k, L+1], target_seqs [m, L+1]) -> (tau [k], phi), jitted.
-    `target_micro_batch` overrides `oc.target_micro_batch`."""
+    """fn(params, train_seqs [k, L+1], target_seqs [m, L+1], adam_state=None)
+    -> (tau [k], phi), jitted. `adam_state`: (mu, nu, count) of the base run, or None
+    (zeros). `target_micro_batch` overrides `oc.target_micro_batch`."""
     target_micro_batch = target_micro_batch or oc.target_micro_batch
-    def round_fn(params, train_seqs, target_seqs):
+    def round_fn(params, train_seqs, target_seqs, adam_state=None):
         return metagradient_round(
             params, model_cfg, train_seqs, target_seqs, oc.inner_steps, oc.inner_lr,
             micro_batch=oc.micro_batch, target_micro_batch=target_micro_batch,
             segments=oc.segments, eps_root=oc.eps_root, b1=oc.b1,
-            b2=oc.b2, eps=oc.eps,
+            b2=oc.b2, eps=oc.eps, adam_state=adam_state,
             return_phi=True)
 
     return jax.jit(round_fn)
@@ -332,17 +351,20 @@ def _sharded_round_fn(model_cfg, oc, devices):
     mesh = Mesh(np.array(devices), ("r",))
     round_fn = make_round_fn(model_cfg, oc)
 
-    def per_device(params, train, target):
-        tau, phi = round_fn(params, train[0], target[0])
+    def per_device(params, train, target, adam_state):
+        tau, phi = round_fn(params, train[0], target[0], adam_state)
         return tau[None], phi[None]
 
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("r"), P("r")),
+    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("r"), P("r"), P()),
                                  out_specs=(P("r"), P("r")), check_vma=False))
 
 
 def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_dir,
-          progress=True, devices=None) -> Labels:
+          progress=True, devices=None, adam_state=None) -> Labels:
     """Label corpus rows with metagradient scores; persisted under `run_dir/oracle/`.
+
+    `adam_state`: the base run's Adam (mu, nu, count) (`train.adam_moments`); needed
+    when `oracle_cfg.warm_start`, ignored otherwise.
 
     Finished rounds are saved to `run_dir/oracle_partial.npz` as they complete,
     so a killed run resumes where it stopped.
@@ -354,6 +376,10 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
         if saved != dataclasses.asdict(oc):
             raise ValueError(f"{st.path} holds labels for another OracleConfig: {saved}")
         return Labels.load(run_dir)
+    if oc.warm_start and adam_state is None:
+        raise ValueError("OracleConfig.warm_start needs adam_state: the base run's Adam "
+                         "(mu, nu, count), from train.adam_moments")
+    adam_state = adam_state if oc.warm_start else None
     tokens, targets = np.asarray(corpus.tokens), np.asarray(corpus.target_tokens)
     round_indices, round_targets = plan_rounds(len(tokens), oc, len(targets))
 
@@ -363,6 +389,7 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
     replicated = NamedSharding(mesh, P())
     split = NamedSharding(mesh, P("r"))
     params = jax.device_put(params, replicated)
+    adam_state = jax.device_put(adam_state, replicated)
 
     partial_path = Path(run_dir) / "oracle_partial.npz"
     tau = np.full(round_indices.shape, np.nan)
@@ -385,7 +412,8 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
         t0 = time.perf_counter()
         with nvtx_range("metagradient_round"):  # np.asarray waits for the round
             out_tau, out_phi = fn(params, jax.device_put(tokens[round_indices[ids]], split),
-                                  jax.device_put(targets[round_targets[ids]], split))
+                                  jax.device_put(targets[round_targets[ids]], split),
+                                  adam_state)
             out_tau, out_phi = np.asarray(out_tau), np.asarray(out_phi)
         if not np.all(np.isfinite(out_tau)):
             raise FloatingPointError(f"non-finite metagradient in rounds {ids.tolist()}; "

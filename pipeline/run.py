@@ -131,6 +131,16 @@ def load_params(path, model_cfg):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
 
 
+def _base_adam_state(base_dir, model_cfg):
+    """(mu, nu, count) of the base run's Adam, saved by the base stage."""
+    if not (base_dir / "adam_nu.npz").exists():
+        raise FileNotFoundError(f"{base_dir} has no adam_nu.npz (a base stage from before the "
+                                f"oracle warm-started Adam): delete {base_dir} and re-run")
+    count = artifacts.read_json(base_dir / "adam_count.json")["count"]
+    return (load_params(base_dir / "adam_mu.npz", model_cfg),
+            load_params(base_dir / "adam_nu.npz", model_cfg), np.int32(count))
+
+
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
@@ -165,7 +175,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     from mgd.pipeline import corpus as corpus_mod
     from mgd.pipeline.model import GPTConfig, init_params
     from mgd.pipeline.oracle import OracleConfig, label
-    from mgd.pipeline.train import TrainConfig, eval_loss, train
+    from mgd.pipeline.train import TrainConfig, adam_moments, eval_loss, train
 
     # -- corpus --------------------------------------------------------------------------
     log("corpus: " + ("reusing" if (run_dir / "corpus" / "DONE").exists() else
@@ -188,11 +198,17 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
         log("base: pretraining on the mixed corpus")
         tc = TrainConfig(seed=0, **plan["base_train"])
         params0 = init_params(model_cfg, _key(0))
-        base, base_log = train(params0, corpus.tokens, model_cfg, tc,
-                               ckpt_dir=run_dir / "_ckpt" / "base", progress=progress)
+        base, base_log, base_opt = train(params0, corpus.tokens, model_cfg, tc,
+                                         ckpt_dir=run_dir / "_ckpt" / "base", progress=progress,
+                                         return_opt_state=True)
         base_eval = eval_loss(base, corpus.eval_tokens, model_cfg, plan["loss_batch"])
+        mu, nu, count = adam_moments(base_opt)
         with st as tmp:
             save_params(tmp / "params.npz", base)
+            # The oracle's inner Adam continues from these (OracleConfig.warm_start).
+            save_params(tmp / "adam_mu.npz", mu)
+            save_params(tmp / "adam_nu.npz", nu)
+            artifacts.atomic_write_json(tmp / "adam_count.json", {"count": int(count)})
             artifacts.atomic_write_json(tmp / "log.json", base_log)
             artifacts.atomic_write_json(tmp / "summary.json", {"eval_loss": base_eval})
         _rm(run_dir / "_ckpt" / "base")
@@ -205,7 +221,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     # -- oracle --------------------------------------------------------------------------
     log("oracle: " + ("done, skipped" if (run_dir / "oracle" / "DONE").exists() else "labeling"))
     labels = label(base, corpus, model_cfg, OracleConfig(**plan["oracle"]), run_dir,
-                   progress=progress)
+                   progress=progress, adam_state=_base_adam_state(st.path, model_cfg))
     log(f"oracle: {len(labels.indices)} rows labeled")
 
     # -- features and the distilled scorer -----------------------------------------------

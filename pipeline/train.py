@@ -134,9 +134,21 @@ def _restore(ckpt_dir: Path, params, opt_state):
     return int(data["step"]), params, opt_state, log
 
 
+def adam_moments(opt_state):
+    """(mu, nu, count) of the Adam inside an optax optimizer state (`make_optimizer`'s
+    chain of clipping and AdamW): what the metagradient oracle warm-starts from."""
+    found = [s for s in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)]
+    if len(found) != 1:
+        raise ValueError(f"expected one Adam state in the optimizer state, found {len(found)}")
+    return found[0].mu, found[0].nu, found[0].count
+
+
 def train(params, tokens, model_cfg: GPTConfig, train_cfg: TrainConfig, ckpt_dir=None,
-          eval_sets=None, progress=True):
-    """Train on rows of `tokens` [N, L+1]; returns (params, log).
+          eval_sets=None, progress=True, return_opt_state=False):
+    """Train on rows of `tokens` [N, L+1]; returns (params, log), or
+    (params, log, opt_state) with `return_opt_state`.
 
     `eval_sets`: {name: rows} evaluated every `eval_every` steps and at the end.
     log: list of {"step", "train_loss", "lr"} dicts; evaluation entries also carry
@@ -194,4 +206,4 @@ def train(params, tokens, model_cfg: GPTConfig, train_cfg: TrainConfig, ckpt_dir
             _save(ckpt_dir, step, params, opt_state, log)
     if bar is not None:
         bar.close()
-    return params, log
+    return (params, log, opt_state) if return_opt_state else (params, log)

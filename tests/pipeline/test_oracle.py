@@ -22,10 +22,14 @@ TINY64 = model.GPTConfig(vocab_size=41, seq_len=8, n_layer=1, n_head=2, d_model=
                          attention_impl="xla", compute_dtype="float64", param_dtype="float64")
 
 
-def _phi_by_hand(params, cfg, train_seqs, target_seqs, w, steps, lr, eps_root):
+def _phi_by_hand(params, cfg, train_seqs, target_seqs, w, steps, lr, eps_root, adam_state=None):
     """Independent reference: the inner loop unrolled in Python, no remat, no micro-batches."""
     opt = optax.adam(lr, eps_root=eps_root)
-    theta, state = params, opt.init(params)
+    state = opt.init(params)
+    if adam_state is not None:
+        mu, nu, count = adam_state
+        state = (optax.ScaleByAdamState(count=jnp.int32(count), mu=mu, nu=nu), state[1])
+    theta = params
     k = len(train_seqs)
     for _ in range(steps):
         g = jax.grad(lambda p: jnp.sum(w * model.per_example_loss(p, train_seqs, cfg)) / k)(theta)
@@ -34,20 +38,31 @@ def _phi_by_hand(params, cfg, train_seqs, target_seqs, w, steps, lr, eps_root):
     return jnp.mean(model.per_example_loss(theta, target_seqs, cfg))
 
 
-def test_tau_matches_central_finite_differences():
+def _fake_adam_state(params, rng, count=100):
+    """A base run's Adam moments, drawn at the scale of real ones (nu ~ g^2 > 0)."""
+    mu = jax.tree_util.tree_map(lambda x: 1e-2 * rng.standard_normal(x.shape).astype(x.dtype),
+                                params)
+    nu = jax.tree_util.tree_map(lambda x: (1e-3 * (0.5 + rng.random(x.shape))).astype(x.dtype),
+                                params)
+    return mu, nu, count
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["fresh-adam", "warm-adam"])
+def test_tau_matches_central_finite_differences(warm):
     rng = np.random.default_rng(0)
     params = model.init_params(TINY64, jax.random.key(0))
     params = jax.tree_util.tree_map(lambda x: x + 0.2 * rng.standard_normal(x.shape), params)
+    adam_state = _fake_adam_state(params, rng) if warm else None
     k = 8
     train_seqs = rng.integers(0, TINY64.vocab_size, (k, 9))
     target_seqs = rng.integers(0, TINY64.vocab_size, (5, 9))
     kw = dict(inner_steps=4, inner_lr=3e-2, eps_root=1e-12)
     # Micro-batches and nested segments on, so the remat paths are what is checked.
-    tau, phi = jax.jit(lambda p, a, b: oracle.metagradient_round(
-        p, TINY64, a, b, micro_batch=2, segments=2, return_phi=True, **kw))(
-            params, train_seqs, target_seqs)
+    tau, phi = jax.jit(lambda p, a, b, s: oracle.metagradient_round(
+        p, TINY64, a, b, micro_batch=2, segments=2, return_phi=True, adam_state=s, **kw))(
+            params, train_seqs, target_seqs, adam_state)
     phi_w = jax.jit(lambda w: _phi_by_hand(params, TINY64, train_seqs, target_seqs, w,
-                                           4, 3e-2, 1e-12))
+                                           4, 3e-2, 1e-12, adam_state))
     assert float(phi) == pytest.approx(float(phi_w(np.ones(k))), rel=1e-12)
     h = 1e-6
     fd = np.array([(phi_w(1 + h * e) - phi_w(1 - h * e)) / (2 * h) for e in np.eye(k)])
@@ -123,9 +138,13 @@ def _fake_corpus(seed=0, n=24):
 def test_label_persists_resumes_and_matches_direct_rounds(tmp_path):
     corpus = _fake_corpus()
     params = model.init_params(LABEL_CFG, jax.random.key(0))
+    adam_state = _fake_adam_state(params, np.random.default_rng(5))
     oc = oracle.OracleConfig(k=6, inner_steps=2, inner_lr=1e-2, rounds=5, target_batch=4,
                              micro_batch=3)
-    labels = oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="adam_state"):
+        oracle.label(params, corpus, LABEL_CFG, oc, tmp_path / "no_state", progress=False)
+    labels = oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False,
+                          adam_state=adam_state)
     assert (tmp_path / "oracle" / "DONE").exists() and not (tmp_path / "oracle_partial.npz").exists()
     assert labels.round_ids.tolist() == list(range(5)) and labels.round_tau.shape == (5, 6)
     assert np.all(np.isfinite(labels.round_tau)) and np.all(np.isfinite(labels.round_phi))
@@ -133,7 +152,7 @@ def test_label_persists_resumes_and_matches_direct_rounds(tmp_path):
     fn = oracle.make_round_fn(LABEL_CFG, oc)
     for r in (0, 4):
         tau, phi = fn(params, corpus.tokens[labels.round_indices[r]],
-                      corpus.target_tokens[labels.round_targets[r]])
+                      corpus.target_tokens[labels.round_targets[r]], adam_state)
         np.testing.assert_allclose(labels.round_tau[r], tau, rtol=1e-5, atol=1e-9)
     idx, scores, counts = oracle.aggregate(labels.round_indices, labels.round_tau)
     np.testing.assert_array_equal(labels.indices, idx)
@@ -141,8 +160,8 @@ def test_label_persists_resumes_and_matches_direct_rounds(tmp_path):
     loaded = oracle.Labels.load(tmp_path)
     np.testing.assert_array_equal(loaded.round_indices, labels.round_indices)
     # Done: reused; different config: refused.
-    assert oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False).scores.tolist() \
-        == labels.scores.tolist()
+    assert oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False,
+                        adam_state=adam_state).scores.tolist() == labels.scores.tolist()
     with pytest.raises(ValueError, match="another OracleConfig"):
         oracle.label(params, corpus, LABEL_CFG, oracle.OracleConfig(k=6, rounds=6), tmp_path)
 
@@ -154,7 +173,8 @@ def test_label_persists_resumes_and_matches_direct_rounds(tmp_path):
     tau[:3] = 7.0
     artifacts.atomic_save_arrays(other / "oracle_partial.npz", round_indices=labels.round_indices,
                                  round_tau=tau, round_phi=labels.round_phi, done=np.int64(3))
-    resumed = oracle.label(params, corpus, LABEL_CFG, oc, other, progress=False)
+    resumed = oracle.label(params, corpus, LABEL_CFG, oc, other, progress=False,
+                           adam_state=adam_state)
     assert np.all(resumed.round_tau[:3] == 7.0)
     np.testing.assert_allclose(resumed.round_tau[3:], labels.round_tau[3:], rtol=1e-6)
 
@@ -169,10 +189,13 @@ _TWO_DEVICES = textwrap.dedent("""
     corpus = types.SimpleNamespace(tokens=rng.integers(0, 37, (24, 9)).astype(np.int32),
                                    target_tokens=rng.integers(0, 37, (6, 9)).astype(np.int32))
     params = model.init_params(LABEL_CFG, jax.random.key(3))
+    nu = jax.tree_util.tree_map(lambda x: 1e-3 + 1e-3 * jax.numpy.abs(x), params)
+    state = (jax.tree_util.tree_map(lambda x: 1e-2 * x, params), nu, 50)
     oc = oracle.OracleConfig(k=6, inner_steps=2, inner_lr=1e-2, rounds=3, target_batch=4)
-    labels = oracle.label(params, corpus, LABEL_CFG, oc, {run!r}, progress=False)
+    labels = oracle.label(params, corpus, LABEL_CFG, oc, {run!r}, progress=False,
+                          adam_state=state)
     fn = oracle.make_round_fn(LABEL_CFG, oc)
-    direct = [np.asarray(fn(params, corpus.tokens[i], corpus.target_tokens[t])[0]).tolist()
+    direct = [np.asarray(fn(params, corpus.tokens[i], corpus.target_tokens[t], state)[0]).tolist()
               for i, t in zip(labels.round_indices, labels.round_targets)]
     print("RESULT " + json.dumps({{"sharded": labels.round_tau.tolist(), "direct": direct}}))
 """)
@@ -208,11 +231,13 @@ def _cluster_experiment(tmp_path, *, n_on, seq_len, train_steps, k, inner_steps,
     mc = model.GPTConfig(vocab_size=c.vocab_size, seq_len=seq_len, n_layer=2, n_head=2,
                          d_model=64, compute_dtype="float32", attention_impl="xla")
     params = model.init_params(mc, jax.random.key(0))
-    params, _ = T.train(params, c.tokens, mc, T.TrainConfig(
-        steps=train_steps, batch_size=32, lr=3e-3, warmup=20, eval_every=0), progress=False)
+    params, _, opt_state = T.train(params, c.tokens, mc, T.TrainConfig(
+        steps=train_steps, batch_size=32, lr=3e-3, warmup=20, eval_every=0), progress=False,
+        return_opt_state=True)
     oc = oracle.OracleConfig(k=k, inner_steps=inner_steps, inner_lr=1e-3, rounds=rounds,
                              target_batch=48, pool_size=pool_size)
-    labels = oracle.label(params, c, mc, oc, tmp_path, progress=False)
+    labels = oracle.label(params, c, mc, oc, tmp_path, progress=False,
+                          adam_state=T.adam_moments(opt_state))
     cl = c.cluster[labels.indices]
     by = {name: labels.scores[cl == i] for i, name in C.CLUSTERS.items()}
 
