@@ -59,13 +59,20 @@ def _env_float(name, default):
 
 @lru_cache(maxsize=None)
 def commit():
-    """The git commit of the checkout, or $MGD_COMMIT where there is no git."""
+    """$MGD_COMMIT when set, else the git commit of the checkout.
+
+    The environment wins: scripts/gpu_run.sh sets it to the commit whose export it
+    runs, and a git directory found further up (a copy of the repository the export
+    sits in) may name another commit.
+    """
+    if os.environ.get("MGD_COMMIT"):
+        return os.environ["MGD_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                              text=True, timeout=10, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("MGD_COMMIT", "unknown")
+        return "unknown"
 
 
 @lru_cache(maxsize=None)

@@ -95,7 +95,10 @@ def add_speedup(frame, reference):
     key = ["run", "stage", "B", "T", "H", "D", "causal", "dtype"]
     refs = frame[frame["impl"].isin(reference) & ~frame["oom"]]
     best = refs.groupby(key, dropna=False)["median_ms"].min().rename("best_reference_ms")
-    frame = frame.merge(best.reset_index(), on=key, how="left")
+    # Object keys on both sides: the end-to-end rows have no B/H/D (all None), which
+    # groupby turns into float NaN, and pandas refuses to merge object with float.
+    best = best.reset_index().astype({c: object for c in key})
+    frame = frame.astype({c: object for c in key}).merge(best, on=key, how="left")
     frame["speedup"] = frame["best_reference_ms"] / frame["median_ms"]
     return frame
 

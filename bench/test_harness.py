@@ -126,3 +126,33 @@ def test_report_reads_the_jsonl_log(tmp_path, monkeypatch):
     frame = report.load([log])
     assert sorted(frame["oom"]) == [False, True]
     assert frame.loc[~frame["oom"], "tflops"].item() == pytest.approx(1e-3)
+
+
+def test_commit_prefers_the_environment(monkeypatch):
+    monkeypatch.setenv("MGD_COMMIT", "0123abcd")
+    harness.commit.cache_clear()
+    try:
+        assert harness.commit() == "0123abcd"
+    finally:
+        harness.commit.cache_clear()
+
+
+def test_report_on_end_to_end_rows_only(tmp_path):
+    """A log holding only metagradient rounds (no B/H/D fields) still gets its table,
+    with the speedup over the fastest reference at each T."""
+    lines = []
+    for impl, t, median in (("xla", 512, 0.04), ("pallas", 512, 0.025), ("cuda", 512, 0.02),
+                            ("pallas", 1024, 0.05), ("cuda", 1024, 0.04)):
+        lines.append(json.dumps({
+            "name": f"test_metagradient_round[{impl}-t{t}]",
+            "stats": {"median": median, "iqr": 0.001, "rounds": 5},
+            "extra_info": {"stage": "metagradient_round", "impl": impl, "T": t,
+                           "shape": f"t{t}-l4-d256", "compiled_bytes": 2 ** 30,
+                           "gpu": "test", "commit": "abc"}}))
+    log = tmp_path / "e2e.jsonl"
+    log.write_text("\n".join(lines) + "\n")
+    report.main([str(log), "--out", str(tmp_path / "out")])
+    rows = [r for r in (tmp_path / "out" / "report.md").read_text().splitlines()
+            if r.startswith("| cuda |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["512", "1024"]
+    assert rows[0].split("|")[5].strip() == "1.25"      # 25 ms / 20 ms

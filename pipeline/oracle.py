@@ -69,10 +69,11 @@ class OracleConfig:
     # Start the inner Adam from the base run's moments (mu, nu, step count) rather than
     # from zeros. A fresh Adam's first steps are sign descent: lr * g / |g| does not
     # change when a row's weight scales g, so dPhi/dw is left to second-order
-    # normalization effects (on the demo corpus those ranked off-target rows first).
-    # With the base run's nu the inner steps are preconditioned gradient steps and tau
-    # measures how a row's gradient aligns with the target's (the base model's
-    # training continues, as "starting from the base model" means).
+    # normalization effects. With the base run's nu the inner steps are preconditioned
+    # gradient steps and tau measures how a row's gradient aligns with the target's
+    # (the base model's training continues, as "starting from the base model" means).
+    # On the H200 demo (bench/results/h200_2026-11-29) the fresh Adam's labels put 2%
+    # on-target rows in their top third, the warm one's 21%: better, still inverted.
     warm_start: bool = True
 
     def __post_init__(self):
@@ -334,6 +335,7 @@ class Labels:
     round_tau: np.ndarray      # [R, k] raw tau
     round_phi: np.ndarray      # [R] Phi after the inner steps
     round_targets: np.ndarray  # [R, m] target rows Phi was measured on
+    round_phi0: np.ndarray     # [R] Phi at the base model, before the inner steps
 
     @classmethod
     def load(cls, run_dir) -> "Labels":
@@ -341,6 +343,8 @@ class Labels:
         if not (path / "DONE").exists():
             raise FileNotFoundError(f"no complete oracle labels in {path}")
         a = artifacts.load_arrays(path / "labels.npz")
+        if "round_phi0" not in a:  # labels written before Phi(theta_0) was recorded
+            a = {**a, "round_phi0": np.full(len(a["round_phi"]), np.nan)}
         return cls(**{f.name: a[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -394,12 +398,19 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
     partial_path = Path(run_dir) / "oracle_partial.npz"
     tau = np.full(round_indices.shape, np.nan)
     phi = np.full(len(round_indices), np.nan)
+    phi0 = np.full(len(round_indices), np.nan)
     done = 0
     if partial_path.exists():
         saved = artifacts.load_arrays(partial_path)
         if np.array_equal(saved["round_indices"], round_indices):
             done = int(saved["done"])
             tau[:done], phi[:done] = saved["round_tau"][:done], saved["round_phi"][:done]
+            if "round_phi0" in saved:
+                phi0[:done] = saved["round_phi0"][:done]
+    # Phi before the inner steps, per round: with Phi after them, it says whether the
+    # inner steps on a round's (mixed) rows lowered or raised the target loss, a first
+    # check on inner_lr (the summary's phi_rose_fraction; the run report shows it).
+    phi0_fn = jax.jit(lambda p, x: _mean_loss(p, x, model_cfg, oc.target_micro_batch))
 
     bar = None
     if progress:
@@ -420,9 +431,12 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
                                      "lower inner_lr or raise eps_root")
         n_new = min(n_dev, oc.rounds - done)
         tau[done:done + n_new], phi[done:done + n_new] = out_tau[:n_new], out_phi[:n_new]
+        for r in range(done, done + n_new):
+            phi0[r] = float(phi0_fn(params, targets[round_targets[r]]))
         done += n_new
         artifacts.atomic_save_arrays(partial_path, round_indices=round_indices,
-                                     round_tau=tau, round_phi=phi, done=np.int64(done))
+                                     round_tau=tau, round_phi=phi, round_phi0=phi0,
+                                     done=np.int64(done))
         if bar is not None:
             bar.update(n_new)
             bar.set_postfix(phi=f"{out_phi[:n_new].mean():.4f}",
@@ -433,13 +447,17 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
     indices, scores, counts = aggregate(round_indices, tau)
     labels = Labels(indices=indices, scores=scores, counts=counts,
                     round_ids=np.arange(oc.rounds), round_indices=round_indices,
-                    round_tau=tau, round_phi=phi, round_targets=round_targets)
+                    round_tau=tau, round_phi=phi, round_targets=round_targets,
+                    round_phi0=phi0)
+    known = np.isfinite(phi0)
+    rose = float(np.mean(phi[known] > phi0[known])) if known.any() else float("nan")
     with st as tmp:
         artifacts.atomic_save_arrays(tmp / "labels.npz", **dataclasses.asdict(labels))
         artifacts.atomic_write_json(tmp / "config.json", dataclasses.asdict(oc))
         artifacts.atomic_write_json(tmp / "summary.json", {
             "rounds": oc.rounds, "labeled_rows": int(len(indices)),
             "mean_rounds_per_row": float(counts.mean()), "devices": n_dev,
-            "phi_mean": float(np.mean(phi))})
+            "phi_mean": float(np.mean(phi)), "phi0_mean": float(np.nanmean(phi0)),
+            "phi_rose_fraction": None if math.isnan(rose) else rose})
     partial_path.unlink(missing_ok=True)
     return labels

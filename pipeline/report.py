@@ -86,7 +86,8 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
 def write_report(run_dir, results: list[dict], logs: dict, selections: dict, cluster,
                  scorer_summary: dict | None = None, heldout: dict | None = None,
                  base_eval_loss: float | None = None, top_share: float | None = None,
-                 meta: dict | None = None, out_dir=None) -> pd.DataFrame:
+                 meta: dict | None = None, out_dir=None,
+                 oracle_summary: dict | None = None) -> pd.DataFrame:
     """Write results.csv, report.md and the plots into `out_dir` (default run_dir).
 
     logs: {(method, seed): training log}; selections: {method: indices of seed 0};
@@ -118,6 +119,18 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
               "Mean, standard deviation and standard error over seeds; lower is better. "
               "Shares are the ground-truth cluster composition of each selection.", "",
               markdown_table(summary), ""]
+    if oracle_summary:
+        o = oracle_summary
+        means = ", ".join(f"{k} {v:+.3f}" for k, v in o.get("label_mean_by_cluster", {}).items())
+        rose = o.get("phi_rose_fraction")
+        lines += ["## Oracle", "",
+                  f"{o['rounds']} rounds, {o['labeled_rows']} rows labeled "
+                  f"({o['mean_rounds_per_row']:.1f} rounds per row); {o['inner_steps']} inner "
+                  f"Adam steps at lr {o['inner_lr']:g}. Target loss Phi over the inner steps: "
+                  f"{o.get('phi0_mean', float('nan')):.4f} -> {o['phi_mean']:.4f}, risen in "
+                  f"{'n/a' if rose is None else f'{100 * rose:.0f}%'} of rounds.", "",
+                  f"Mean label (within-round z-score of -dPhi/dw) per ground-truth cluster: "
+                  f"{means}.", ""]
     if scorer_summary:
         rhos = ", ".join(f"{k} {v:.3f}" for k, v in scorer_summary["heldout_spearman"].items())
         lines += ["## Distilled scorer", "",

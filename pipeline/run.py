@@ -222,7 +222,10 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     log("oracle: " + ("done, skipped" if (run_dir / "oracle" / "DONE").exists() else "labeling"))
     labels = label(base, corpus, model_cfg, OracleConfig(**plan["oracle"]), run_dir,
                    progress=progress, adam_state=_base_adam_state(st.path, model_cfg))
-    log(f"oracle: {len(labels.indices)} rows labeled")
+    summary = artifacts.read_json(run_dir / "oracle" / "summary.json")
+    log(f"oracle: {len(labels.indices)} rows labeled; target loss over the inner steps "
+        f"{summary.get('phi0_mean', float('nan')):.4f} -> {summary['phi_mean']:.4f} "
+        f"(rose in {summary.get('phi_rose_fraction') or 0:.0%} of rounds)")
 
     # -- features and the distilled scorer -----------------------------------------------
     from mgd.pipeline import scorer as scorer_mod
@@ -303,6 +306,10 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
                 scorer_summary=scorer_summary,
                 heldout={"labels": scored["heldout_labels"], "pred": scored["heldout_pred"]},
                 base_eval_loss=base_eval, top_share=top_share, out_dir=tmp,
+                oracle_summary={**artifacts.read_json(run_dir / "oracle" / "summary.json"),
+                                "inner_lr": plan["oracle"]["inner_lr"],
+                                "inner_steps": plan["oracle"]["inner_steps"],
+                                "label_mean_by_cluster": _label_means(labels, corpus.cluster)},
                 meta={"preset": plan["name"], "sequences": n, "seq_len": seq_len,
                       "budget": f"{k} sequences ({k * seq_len} tokens)",
                       "seeds": plan["seeds"], "oracle labeled rows": len(labels.indices),
@@ -321,6 +328,14 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
               f"({scorer_summary['winner']}); on-target share of its top 10%: "
               f"{100 * top_share:.1f}%")
     return summary
+
+
+def _label_means(labels, cluster):
+    """Mean oracle label per ground-truth cluster (reported, never used to select)."""
+    from mgd.pipeline.corpus import CLUSTERS
+    cl = np.asarray(cluster)[labels.indices]
+    return {name: float(labels.scores[cl == i].mean()) for i, name in CLUSTERS.items()
+            if np.any(cl == i)}
 
 
 def _selection_stage(method, ctx):

@@ -148,6 +148,11 @@ def test_label_persists_resumes_and_matches_direct_rounds(tmp_path):
     assert (tmp_path / "oracle" / "DONE").exists() and not (tmp_path / "oracle_partial.npz").exists()
     assert labels.round_ids.tolist() == list(range(5)) and labels.round_tau.shape == (5, 6)
     assert np.all(np.isfinite(labels.round_tau)) and np.all(np.isfinite(labels.round_phi))
+    # Phi before the inner steps, per round: the base model's mean loss on those targets.
+    for r in (0, 3):
+        rows = corpus.target_tokens[labels.round_targets[r]]
+        assert labels.round_phi0[r] == pytest.approx(
+            float(jnp.mean(model.per_example_loss(params, rows, LABEL_CFG))), rel=1e-5)
     # Each round is the plain round function on the planned rows.
     fn = oracle.make_round_fn(LABEL_CFG, oc)
     for r in (0, 4):
@@ -272,3 +277,16 @@ def test_scores_order_clusters(tmp_path):
                             inner_steps=4, rounds=54, pool_size=360)
     assert r["mean"]["ontarget"] > r["mean"]["offtarget"] > r["mean"]["corrupt"]
     assert r["d_on_off"] > 0.2 and r["d_off_corrupt"] > 0.2
+
+
+def test_label_summary_says_whether_the_inner_steps_raised_the_target_loss(tmp_path):
+    """A large inner_lr makes Phi rise in every round; the summary records it."""
+    corpus = _fake_corpus(seed=2)
+    params = model.init_params(LABEL_CFG, jax.random.key(4))
+    oc = oracle.OracleConfig(k=6, inner_steps=3, inner_lr=0.3, rounds=3, target_batch=4,
+                             warm_start=False)
+    labels = oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False)
+    summary = json.loads((tmp_path / "oracle" / "summary.json").read_text())
+    assert summary["phi_rose_fraction"] == pytest.approx(
+        float(np.mean(labels.round_phi > labels.round_phi0)))
+    assert summary["phi_rose_fraction"] > 0.5 and summary["phi_mean"] > summary["phi0_mean"]
