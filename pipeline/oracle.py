@@ -54,6 +54,11 @@ __all__ = ["OracleConfig", "metagradient_round", "make_round_fn", "plan_rounds",
 class OracleConfig:
     k: int = 64                       # rows per round
     inner_steps: int = 8              # T
+    # Keep it well below the base run's final lr (0.3x is what the presets use). The
+    # labels are first-order "does this row's gradient align with the target's" only
+    # while the inner steps stay in the base run's stable regime; at 3x the base run's
+    # final lr, the on-target rows came out ranked below off-target ones (H200 demo and
+    # a CPU reproduction: bench/results/cpu_2026-11-29_oracle_lr).
     inner_lr: float = 1e-4
     rounds: int = 64
     target_batch: int = 64            # target rows Phi is measured on, per round
