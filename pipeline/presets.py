@@ -54,7 +54,7 @@ def smoke() -> Preset:
         model=dict(n_layer=1, n_head=2, d_model=32, compute_dtype="float32"),
         base_train=dict(steps=300, batch_size=16, lr=3e-3, warmup=20, eval_every=0,
                         ckpt_every=50),
-        oracle=dict(k=32, inner_steps=4, inner_lr=1e-3, rounds=48, target_batch=32,
+        oracle=dict(k=32, inner_steps=4, inner_lr=1e-4, rounds=48, target_batch=32,
                     pool_size=512),
         population=dict(n_models=4, n_domains=4, rows_per_model=256),
         population_train=dict(batch_size=16, lr=1e-3, warmup=2, epochs=1.0, n_evals=1),

@@ -131,6 +131,13 @@ def load_params(path, model_cfg):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
 
 
+def tc_final_lr(base_train: dict) -> float:
+    """The lr the base run ends at (cosine decay to lr * min_lr_ratio)."""
+    from mgd.pipeline.train import TrainConfig
+    tc = TrainConfig(**base_train)
+    return tc.lr * tc.min_lr_ratio
+
+
 def _base_adam_state(base_dir, model_cfg):
     """(mu, nu, count) of the base run's Adam, saved by the base stage."""
     if not (base_dir / "adam_nu.npz").exists():
@@ -219,6 +226,11 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     log(f"base: eval loss {base_eval:.4f}")
 
     # -- oracle --------------------------------------------------------------------------
+    base_final_lr = tc_final_lr(plan["base_train"])
+    if plan["oracle"]["inner_lr"] > 0.5 * base_final_lr:
+        log(f"oracle: WARNING inner_lr {plan['oracle']['inner_lr']:g} is above half the base "
+            f"run's final lr ({base_final_lr:g}); at 3x it the labels came out inverted "
+            "(bench/results/cpu_2026-11-29_oracle_lr): 0.3x is the tested setting")
     log("oracle: " + ("done, skipped" if (run_dir / "oracle" / "DONE").exists() else "labeling"))
     labels = label(base, corpus, model_cfg, OracleConfig(**plan["oracle"]), run_dir,
                    progress=progress, adam_state=_base_adam_state(st.path, model_cfg))
