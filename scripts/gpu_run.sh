@@ -16,7 +16,8 @@
 #   nvtx      the benchmarks' NVTX ranges seen through Nsight Compute's NVTX filter
 #   oracle    the GPT-2-small metagradient round: memory and time (pipeline/bench_oracle.py);
 #             L=$MGD_ORACLE_LONG (2048; 0: none) with $MGD_ORACLE_LONG_IMPL (cuda) first,
-#             then L=128 for each of $MGD_ORACLE_IMPLS (cuda,pallas,xla,triton)
+#             then L=128 for each of $MGD_ORACLE_IMPLS (cuda,pallas,xla,triton; set it
+#             empty for the long run alone)
 #   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -158,7 +159,7 @@ part_nvtx() {
 
 part_oracle() {
   capped 420 90 "oracle round" python3 -m mgd.pipeline.bench_oracle --out "$OUT/oracle.json" \
-    --impls "${MGD_ORACLE_IMPLS:-cuda,pallas,xla,triton}" --long "${MGD_ORACLE_LONG:-2048}" \
+    --impls "${MGD_ORACLE_IMPLS-cuda,pallas,xla,triton}" --long "${MGD_ORACLE_LONG:-2048}" \
     --long-impl "${MGD_ORACLE_LONG_IMPL:-cuda}" --long-first --repeats 1 > "$OUT/oracle.log" 2>&1
 }
 
