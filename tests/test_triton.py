@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import mgd
 from tests.support import (attention_shapes, draw, hvp, reference_all, reference_hvp, rel_l2,
@@ -83,7 +83,17 @@ def _check_primitives(impl, rng, b, tq, tk, h, d, dtype_name, causal, jit=True):
     got = (o, lse, *grads, *second)
     ref = (o_ref, lse_ref, *grads_ref, *second_ref)
     orders = (0, 0, 1, 1, 1, 2, 2, 2, 2)
+    # Outputs of the same order that never vanish (dv, gdo), for the ones that do.
+    nonvanishing = {1: grads_ref[2], 2: second_ref[3]}
     for name, x, r, order in zip(NAMES, got, ref, orders):
+        if order and not np.any(np.asarray(r)):
+            # Exactly zero in exact arithmetic (one key per row makes the softmax
+            # constant in q and k, so dq, gq, gk vanish): only rounding noise is
+            # left, bounded by the size of an output of the same order.
+            err = float(np.linalg.norm(np.asarray(x, np.float64))
+                        / np.linalg.norm(np.asarray(nonvanishing[order], np.float64)))
+            assert err <= tolerance(dtype_name, order), f"{name}: noise {err:.2e} on a zero"
+            continue
         _assert_close(name, x, r, tolerance(dtype_name, order))
     dq_l, dk_l = _lse_term(q, k, dlse, causal=causal, scale=scale)
     for name, x, r in zip(("dq+dlse", "dk+dlse", "dv+dlse"), grads_dlse,
@@ -500,6 +510,9 @@ def test_table_lookup_prefers_nearest_length_then_default():
                     reason="interpreter check: needs the triton package and no GPU")
 @given(_problems(max_t=70, head_dims=(16, 32, 64), dtypes=("float32", "float16")),
        st.sampled_from([(16, 16), (16, 32), (32, 16)]))
+# One key per row: dq, gq and gk are exactly zero, only fp16 rounding noise is left
+# (a CI draw once failed here when that noise was held to a relative error).
+@example(problem=(1, 1, 1, 1, 16, "float16", False, 12), tiles=(16, 16))
 def test_kernels_under_the_cpu_interpreter_match_float64(problem, tiles):
     """The same kernels and launch sequences on NumPy arrays, tiles small enough
     that a short sequence spans several (masked, unmasked and tail tiles)."""
