@@ -27,7 +27,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from mgd.profiling import DOMAIN as NVTX_DOMAIN, nvtx_range  # noqa: F401 - re-exported
+from mgd.profiling import nvtx_range
 REPO = Path(__file__).resolve().parent.parent
 
 # Out-of-memory points, added to the saved JSON under "mgd_oom" by bench/conftest.py

@@ -131,7 +131,7 @@ def load_params(path, model_cfg):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
 
 
-def tc_final_lr(base_train: dict) -> float:
+def _base_final_lr(base_train: dict) -> float:
     """The lr the base run ends at (cosine decay to lr * min_lr_ratio)."""
     from mgd.pipeline.train import TrainConfig
     tc = TrainConfig(**base_train)
@@ -226,7 +226,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     log(f"base: eval loss {base_eval:.4f}")
 
     # -- oracle --------------------------------------------------------------------------
-    base_final_lr = tc_final_lr(plan["base_train"])
+    base_final_lr = _base_final_lr(plan["base_train"])
     if plan["oracle"]["inner_lr"] > 0.5 * base_final_lr:
         log(f"oracle: WARNING inner_lr {plan['oracle']['inner_lr']:g} is above half the base "
             f"run's final lr ({base_final_lr:g}); at 3x it the labels came out inverted "

@@ -46,6 +46,21 @@ def rel_l2(x, ref):
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
 
 
+def error_vs_reference(x, ref, nonvanishing):
+    """rel_l2(x, ref), except where ref is zero in exact arithmetic (dq, gq, gk when
+    every row sees one key: the softmax is constant in q and k; the float64
+    reference then holds zeros or 1e-16-sized leftovers). There only rounding noise
+    is left, and it scales with the other outputs rather than with RMS_FLOOR: it is
+    measured against `nonvanishing`, an output of the same derivative order that
+    does not vanish (dv, gdo)."""
+    scale = np.linalg.norm(np.asarray(nonvanishing, np.float64))
+    if np.linalg.norm(np.asarray(ref, np.float64)) > 1e-12 * scale:
+        return rel_l2(x, ref)
+    x = np.asarray(x, dtype=np.float64)
+    assert np.all(np.isfinite(x)), "non-finite values in the output"
+    return float(np.linalg.norm(x) / scale)
+
+
 def draw(rng, shape, dtype):
     """Fresh standard-normal input in `dtype` (never zeros)."""
     return jnp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)

@@ -76,3 +76,9 @@ def test_double_backward_matches_finite_differences_of_backward():
     directional = sum(np.sum(ui * (p - m) / (2 * eps)) for ui, p, m in zip(u, plus, minus))
     second = f64.double_backward(q, k, v, do, *u, causal=True)
     assert abs(sum(np.sum(g * d) for g, d in zip(second, t)) - directional) < 1e-6 * max(1, abs(directional))
+
+
+def test_autotuners_hold_candidates_to_the_tests_bf16_tolerance():
+    from mgd.reference import agreement
+    from tests.support import TOLERANCE
+    assert agreement.BF16_TOLERANCE == TOLERANCE["bfloat16"]

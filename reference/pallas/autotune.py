@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import agreement
 from . import _common as c
 from . import backward_kernels as bwd
 from . import configs as cfgs
@@ -100,22 +101,10 @@ def _inputs(rng, b, t, h, d, dtype, causal, scale):
     return jax.block_until_ready(x)
 
 
-# bf16 tolerances of the tests (tests/support.py) by derivative order: two
-# configs of one kernel differ only in summation order and rounding points.
-AGREE_TOL = {"forward": 1.5e-2, "backward_dkdv": 3e-2, "backward_dq": 3e-2,
-             "double_backward_rows": 5e-2, "double_backward_q": 5e-2, "double_backward_kv": 5e-2}
-
-
-def _rel_l2(out, ref):
-    """Worst relative L2 error over the outputs (inf if any is not finite)."""
-    worst = 0.0
-    for x, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
-        x, r = (np.asarray(np.asarray(a, np.float32), np.float64) for a in (x, r))
-        if not np.all(np.isfinite(x)):
-            return float("inf")
-        floor = 1e-2 * np.sqrt(max(r.size, 1))
-        worst = max(worst, float(np.linalg.norm(x - r) / max(np.linalg.norm(r), floor)))
-    return worst
+# Each kernel's derivative order decides its tolerance (mgd.reference.agreement).
+AGREE_TOL = {kernel: agreement.BF16_TOLERANCE[order] for kernel, order in {
+    "forward": 0, "backward_dkdv": 1, "backward_dq": 1,
+    "double_backward_rows": 2, "double_backward_q": 2, "double_backward_kv": 2}.items()}
 
 
 def _median_ms(fn, x, *, warmup, reps, min_seconds):
@@ -203,7 +192,7 @@ def sweep(*, head_configs, causal_values, ranges, dtype, kernels, warmup, reps, 
                             ref = jax.block_until_ready(ref_fn(x))
                         except Exception as err:  # noqa: BLE001
                             ref_error = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                    if ref is None or not np.isfinite(_rel_l2(ref, ref)):
+                    if ref is None or not np.isfinite(agreement.worst_rel_l2(ref, ref)):
                         log(f"{kernel} H{h} D{d}: the default config gives no usable yardstick "
                             f"({ref_error or 'non-finite output'}); not tuned")
                         continue
@@ -212,7 +201,7 @@ def sweep(*, head_configs, causal_values, ranges, dtype, kernels, warmup, reps, 
                         ms, n, err_l2 = float("nan"), 0, float("nan")
                         if fn is not None:
                             try:
-                                err_l2 = _rel_l2(fn(x), ref)
+                                err_l2 = agreement.worst_rel_l2(fn(x), ref)
                                 if err_l2 > AGREE_TOL[kernel]:
                                     error = (f"wrong: disagrees with the default config "
                                              f"(rel L2 {err_l2:.2e})")

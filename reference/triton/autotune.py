@@ -43,6 +43,7 @@ import time
 
 import numpy as np
 
+from mgd.reference import agreement
 from mgd.reference.triton import configs
 from mgd.reference.triton.configs import Config
 
@@ -172,10 +173,9 @@ KERNEL_INPUTS = {
     "dbwd_dq": ("q", "k", "v", "do", "lse", "ddq", "ddk", "ddv", "delta2", "dd", "bstat"),
     "dbwd_dkdv": ("q", "k", "v", "do", "lse", "ddq", "ddk", "ddv", "delta2", "dd", "bstat"),
 }
-# bf16 tolerances of the tests (tests/support.py) by derivative order: two
-# configs differ only in summation order and rounding points.
-AGREE_TOL = {"fwd": 1.5e-2, "bwd_dkdv": 3e-2, "bwd_dq": 3e-2,
-             "dbwd_rows": 5e-2, "dbwd_dq": 5e-2, "dbwd_dkdv": 5e-2}
+# Each kernel's derivative order decides its tolerance (mgd.reference.agreement).
+AGREE_TOL = {kernel: agreement.BF16_TOLERANCE[order] for kernel, order in {
+    "fwd": 0, "bwd_dkdv": 1, "bwd_dq": 1, "dbwd_rows": 2, "dbwd_dq": 2, "dbwd_dkdv": 2}.items()}
 
 
 def runtime():
@@ -214,14 +214,6 @@ def _intermediates(x, causal, scale):
     return dict(x, o=o, lse=lse, delta=delta, delta2=delta2, dd=dd, bstat=bstat)
 
 
-def rel_l2(x, ref):
-    x, ref = (np.asarray(np.asarray(a, np.float32), np.float64) for a in (x, ref))
-    if not np.all(np.isfinite(x)):
-        return math.inf
-    floor = 1e-2 * math.sqrt(max(ref.size, 1))
-    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), floor))
-
-
 class DefaultsTable:
     """A table with no entries: every kernel at configs.default."""
 
@@ -249,7 +241,7 @@ def check_defaults(head_dim, causal, dtype, t=200, heads=2, log=print):
     wide = [np.asarray(np.asarray(a, np.float32), np.float64) for a in (q, k, v, do, ddq, ddk, ddv)]
     ref = (f64.forward(*wide[:3], **kw)[0], *f64.backward(*wide[:4], **kw),
            *f64.double_backward(*wide, **kw))
-    errs = [rel_l2(a, b) for a, b in zip((o, *grads, *second), ref)]
+    errs = [agreement.rel_l2(a, b) for a, b in zip((o, *grads, *second), ref)]
     tol = (1.5e-2, 3e-2, 3e-2, 3e-2, 5e-2, 5e-2, 5e-2, 5e-2)
     ok = all(e <= t_ for e, t_ in zip(errs, tol))
     log(f"default configs D={head_dim} causal={causal} vs float64 at T={t}: "
@@ -316,9 +308,9 @@ class Sweep:
                     out = out if isinstance(out, tuple) else (out,)
                     if ref is None:  # the default runs first: the yardstick
                         ref = out
-                        err = max(rel_l2(a, a) for a in out)  # inf if non-finite
+                        err = max(agreement.rel_l2(a, a) for a in out)  # inf if non-finite
                     else:
-                        err = max(rel_l2(a, b) for a, b in zip(out, ref))
+                        err = max(agreement.rel_l2(a, b) for a, b in zip(out, ref))
                     row["rel_err"] = f"{err:.2e}"
                     if err > AGREE_TOL[kernel]:
                         row["status"] = f"wrong: disagrees with the default config ({err:.2e})"
