@@ -17,7 +17,7 @@
 #   oracle    the GPT-2-small metagradient round: memory and time (pipeline/bench_oracle.py);
 #             L=$MGD_ORACLE_LONG (2048; 0: none) with $MGD_ORACLE_LONG_IMPL (cuda) first,
 #             then L=128 for each of $MGD_ORACLE_IMPLS (cuda,pallas,xla,triton; set it
-#             empty for the long run alone)
+#             empty for the long run alone); cap $MGD_ORACLE_CAP_S (420) seconds
 #   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -158,9 +158,13 @@ part_nvtx() {
 }
 
 part_oracle() {
-  capped 420 90 "oracle round" python3 -m mgd.pipeline.bench_oracle --out "$OUT/oracle.json" \
+  # The long round runs once (its first round is its time, compile excluded): a
+  # second one would not fit a ten-minute call.
+  local cap=${MGD_ORACLE_CAP_S:-420}
+  capped "$cap" 90 "oracle round" python3 -m mgd.pipeline.bench_oracle --out "$OUT/oracle.json" \
     --impls "${MGD_ORACLE_IMPLS-cuda,pallas,xla,triton}" --long "${MGD_ORACLE_LONG:-2048}" \
-    --long-impl "${MGD_ORACLE_LONG_IMPL:-cuda}" --long-first --repeats 1 > "$OUT/oracle.log" 2>&1
+    --long-impl "${MGD_ORACLE_LONG_IMPL:-cuda}" --long-first --repeats 1 \
+    --repeats-long "${MGD_ORACLE_REPEATS_LONG:-0}" --child-timeout "$cap" > "$OUT/oracle.log" 2>&1
 }
 
 part_demo() {
