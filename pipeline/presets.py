@@ -68,7 +68,7 @@ def smoke() -> Preset:
 
 def demo() -> Preset:
     """The demonstration on one H200, at most 8 minutes end to end (measured there:
-    about 5.3 minutes, bench/results/h200_2026-11-29).
+    325 s, bench/results/h200_2026-11-29b).
 
     28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
     256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models
@@ -84,14 +84,15 @@ def demo() -> Preset:
         # inner_lr 0.3x the base run's final lr (1e-3 x 0.1): at 3x it (3e-4) the labels
         # came out inverted on the H200 and in a CPU reproduction at this lr ratio;
         # at 0.3x the CPU reproduction orders the clusters correctly
-        # (bench/results/cpu_2026-11-29_oracle_lr). Not yet rerun on the H200.
+        # (bench/results/cpu_2026-11-29_oracle_lr), and so they do on the H200
+        # (bench/results/h200_2026-11-29b).
         oracle=dict(k=256, inner_steps=8, inner_lr=3e-5, rounds=256, target_batch=128,
                     pool_size=8192),
         population=dict(n_models=16, n_domains=8, rows_per_model=4096),
         population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
         continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
         feature_batch=512, loss_batch=512,
-        expected_time="about 5.3 minutes on one H200 (measured 2026-11-29), half of it "
+        expected_time="about 5.4 minutes on one H200 (325 s, measured 2026-11-29), half of it "
                       "the oracle, then continued pretraining and DSIR's single-process "
                       "n-gram pass",
     )

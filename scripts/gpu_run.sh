@@ -12,6 +12,7 @@
 #   variants  CUDA kernel variants timed side by side, ncu summary (scripts/cuda_variants.sh)
 #   bench     kernel benchmarks, side by side: double backward, forward/backward,
 #             naive XLA, full HVP, then compare mode against the baseline saved first
+#             ($MGD_BENCH_SLICES: only the slices named, e.g. xladbwd,xladbwd64)
 #   e2e       one metagradient round per attention implementation (bench/test_end_to_end.py)
 #   nvtx      the benchmarks' NVTX ranges seen through Nsight Compute's NVTX filter
 #   oracle    the GPT-2-small metagradient round: memory and time (pipeline/bench_oracle.py);
@@ -86,7 +87,7 @@ part_tune() {
 }
 
 part_tests() {
-  HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-device} capped 120 40 "GPU tests" \
+  HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-device} capped 300 40 "GPU tests" \
     python3 -m pytest tests/test_cuda.py tests/test_pallas.py tests/test_triton.py tests/test_xla.py \
     tests/test_api.py -m gpu -q -rfEs -p no:cacheprovider --durations=15 > "$OUT/gpu_tests.log" 2>&1
   stamp "GPU tests: $(tail -n 1 "$OUT/gpu_tests.log")"
@@ -100,6 +101,8 @@ part_variants() {
 
 bench_slice() {  # name seconds impls lengths heads dim -k-expression [extra pytest args]
   local name=$1 seconds=$2 impls=$3 lengths=$4 heads=$5 dim=$6 expr=$7; shift 7
+  # MGD_BENCH_SLICES (comma-separated names) reruns some slices, e.g. those a deadline cut.
+  if [ -n "${MGD_BENCH_SLICES:-}" ] && [[ ",$MGD_BENCH_SLICES," != *",$name,"* ]]; then return 0; fi
   capped "$seconds" 15 "bench $name" \
     env MGD_BENCH_IMPLS=$impls MGD_BENCH_T=$lengths MGD_BENCH_H=$heads MGD_BENCH_D=$dim python3 -m pytest bench -m "gpu and not e2e" -k "$expr" \
     -p no:cacheprovider -q -rs --benchmark-columns=median,iqr,rounds \
@@ -174,6 +177,11 @@ part_demo() {
   capped 540 120 "demo preset" env MGD_DATA_DIR=.mgd-data python3 -m mgd.cli run --preset demo \
     --out "$run_dir" --no-progress > "$OUT/demo.log" 2>&1
   [ -d "$run_dir" ] && tar -C "$run_dir" -czf "$OUT/demo_run.tgz" --exclude='_ckpt' --exclude='*.npz' .
+  # The labels and the distilled scores (about 2 MB) come back too, for offline analysis
+  # (label reliability, scorer fits) without another device call.
+  (cd "$run_dir" 2>/dev/null \
+    && python3 -c "import numpy as np; np.save('cluster.npy', np.load('corpus/arrays.npz')['cluster'])" \
+    && tar -czf "$OUT/demo_labels.tgz" $(ls oracle/labels.npz scorer/scores.npz cluster.npy 2>/dev/null)) || true
 }
 
 parts=${*:-tune tests variants bench e2e nvtx oracle demo}
