@@ -330,6 +330,38 @@ def aggregate(round_indices, round_tau):
     return indices, scores, counts
 
 
+def split_half_reliability(round_indices, round_tau) -> float:
+    """How reproducible the averaged labels are: each row's appearances are split
+    alternately into two halves, the two half means correlated (Spearman) over the rows
+    seen at least twice, and that correlation stepped up to the full number of rounds
+    (Spearman-Brown, 2r / (1 + r)). With label noise independent between rounds, a
+    perfect predictor of the noise-free label can expect a Spearman of about the square
+    root of this against the labels (the attenuation bound), so it says whether a
+    scorer's held-out Spearman is limited by the scorer or by the labels. NaN when fewer
+    than three rows appear twice."""
+    from scipy import stats
+
+    z = zscore(-np.asarray(round_tau), axis=1).reshape(-1)
+    flat_i = np.asarray(round_indices).reshape(-1)
+    order = np.argsort(flat_i, kind="stable")   # stable: appearances stay in round order
+    rows_sorted = flat_i[order]
+    rows, first, inverse = np.unique(rows_sorted, return_index=True, return_inverse=True)
+    half = (np.arange(len(rows_sorted)) - first[inverse]) % 2
+    sums = np.zeros((len(rows), 2))
+    counts = np.zeros((len(rows), 2))
+    np.add.at(sums, (inverse, half), z[order])
+    np.add.at(counts, (inverse, half), 1.0)
+    seen_twice = counts.min(axis=1) > 0
+    if seen_twice.sum() < 3:
+        return float("nan")
+    a = sums[seen_twice, 0] / counts[seen_twice, 0]
+    b = sums[seen_twice, 1] / counts[seen_twice, 1]
+    r = float(stats.spearmanr(a, b).statistic)
+    if not np.isfinite(r) or r <= -1.0:
+        return float("nan")
+    return 2.0 * r / (1.0 + r)
+
+
 @dataclass
 class Labels:
     indices: np.ndarray        # [M] corpus rows labeled
@@ -456,6 +488,7 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
                     round_phi0=phi0)
     known = np.isfinite(phi0)
     rose = float(np.mean(phi[known] > phi0[known])) if known.any() else float("nan")
+    reliability = split_half_reliability(round_indices, tau)
     with st as tmp:
         artifacts.atomic_save_arrays(tmp / "labels.npz", **dataclasses.asdict(labels))
         artifacts.atomic_write_json(tmp / "config.json", dataclasses.asdict(oc))
@@ -463,6 +496,7 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
             "rounds": oc.rounds, "labeled_rows": int(len(indices)),
             "mean_rounds_per_row": float(counts.mean()), "devices": n_dev,
             "phi_mean": float(np.mean(phi)), "phi0_mean": float(np.nanmean(phi0)),
-            "phi_rose_fraction": None if math.isnan(rose) else rose})
+            "phi_rose_fraction": None if math.isnan(rose) else rose,
+            "label_reliability": None if math.isnan(reliability) else reliability})
     partial_path.unlink(missing_ok=True)
     return labels

@@ -131,6 +131,12 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
                   f"{'n/a' if rose is None else f'{100 * rose:.0f}%'} of rounds.", "",
                   f"Mean label (within-round z-score of -dPhi/dw) per ground-truth cluster: "
                   f"{means}.", ""]
+        rel = o.get("label_reliability")
+        if rel is not None:
+            lines += [f"Label reliability (split-half over each row's rounds, Spearman-Brown): "
+                      f"{rel:.3f}. A scorer that predicted the noise-free label exactly could "
+                      f"expect a held-out Spearman of about {math.sqrt(max(rel, 0.0)):.3f} "
+                      f"against these labels.", ""]
     if scorer_summary:
         rhos = ", ".join(f"{k} {v:.3f}" for k, v in scorer_summary["heldout_spearman"].items())
         lines += ["## Distilled scorer", "",

@@ -237,7 +237,8 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     summary = artifacts.read_json(run_dir / "oracle" / "summary.json")
     log(f"oracle: {len(labels.indices)} rows labeled; target loss over the inner steps "
         f"{summary.get('phi0_mean', float('nan')):.4f} -> {summary['phi_mean']:.4f} "
-        f"(rose in {summary.get('phi_rose_fraction') or 0:.0%} of rounds)")
+        f"(rose in {summary.get('phi_rose_fraction') or 0:.0%} of rounds); label reliability "
+        f"{summary.get('label_reliability') or float('nan'):.3f}")
 
     # -- features and the distilled scorer -----------------------------------------------
     from mgd.pipeline import scorer as scorer_mod
@@ -245,16 +246,22 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     if not st.done:
         log("features: one forward pass over the corpus")
         fn = scorer_mod.features_with_loss if plan["scorer"].get("loss_feature") else None
-        feats = scorer_mod.extract_features(base, corpus.tokens, model_cfg, features_fn=fn,
+        fparams = base
+        if plan["scorer"].get("alignment_feature"):
+            if not plan["scorer"].get("loss_feature"):
+                raise ValueError("scorer.alignment_feature needs scorer.loss_feature")
+            oc = OracleConfig(**plan["oracle"])
+            _, nu, count = _base_adam_state(run_dir / "base", model_cfg)
+            direction = scorer_mod.target_direction(base, corpus.target_tokens, model_cfg, nu,
+                                                    count, b2=oc.b2, eps=oc.eps)
+            fn, fparams = scorer_mod.features_with_loss_and_alignment, (base, direction)
+        feats = scorer_mod.extract_features(fparams, corpus.tokens, model_cfg, features_fn=fn,
                                             batch_size=plan["feature_batch"], progress=progress)
         with st as tmp:
             artifacts.atomic_save_arrays(tmp / "features.npz", features=feats)
     feats = artifacts.load_arrays(st.path / "features.npz")["features"]
-    if plan["scorer"].get("loss_feature"):
-        # The mixture domains of perplexity correlations use the hidden state only.
-        hidden_feats = feats[:, :-1]
-    else:
-        hidden_feats = feats
+    # The mixture domains of perplexity correlations use the hidden state only.
+    hidden_feats = feats[:, :model_cfg.d_model]
 
     st = artifacts.stage(run_dir, "scorer")
     if not st.done:
@@ -268,8 +275,11 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
                                          heldout_indices=fit.heldout_indices,
                                          heldout_labels=fit.heldout_labels,
                                          heldout_pred=fit.heldout_pred)
-            feature_set = ("mean-pooled final hidden state + per-sequence loss"
-                           if sc.get("loss_feature") else "mean-pooled final hidden state")
+            feature_set = "mean-pooled final hidden state"
+            if sc.get("loss_feature"):
+                feature_set += " + per-sequence loss"
+            if sc.get("alignment_feature"):
+                feature_set += " + output-layer alignment with the target gradient"
             artifacts.atomic_write_json(tmp / "summary.json",
                                         {**fit.summary(), "features": feature_set})
     scorer_summary = artifacts.read_json(st.path / "summary.json")

@@ -2,7 +2,9 @@
 
 The metagradient oracle labels only a few thousand sequences; the scorer generalises
 those labels to the whole corpus from one forward pass of the base model per sequence
-(the mean-pooled final hidden state, `model.features`). Two regressors compete on a
+(the mean-pooled final hidden state, `model.features`; optionally the sequence's loss and
+the alignment of its output-layer gradient with the target's, Adam-preconditioned, which
+is the output layer's share of the label to first order in the inner lr). Two regressors compete on a
 held-out split of the labeled rows, judged by Spearman correlation (selection only uses
 the ranking): closed-form ridge and a small MLP. The winner is refit on every labeled
 row and scores every sequence, including those the oracle never saw.
@@ -39,12 +41,93 @@ def features_with_loss(params, seqs, model_cfg):
     return jnp.concatenate([pooled, loss.astype(jnp.float32)[:, None]], axis=1)
 
 
+def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=0.999,
+                     eps=1e-8, batch_size: int = 128):
+    """[V, d] float32: the gradient of the target loss Phi (mean loss over `target_seqs`)
+    with respect to the tied embedding matrix, preconditioned as the oracle's inner Adam
+    preconditions it (the base run's second moment, bias-corrected: g / (sqrt(nu) + eps)).
+
+    Computed once per run. To first order in the inner lr, a row's label is the
+    preconditioned inner product of its loss gradient with Phi's; `output_alignment`
+    takes that inner product for the output layer alone, which one forward pass can do.
+    """
+    import jax
+    import jax.numpy as jnp
+    from mgd.pipeline import model as model_lib
+
+    target_seqs = np.asarray(target_seqs)
+    if target_seqs.ndim != 2 or target_seqs.shape[0] == 0:
+        raise ValueError(f"target_seqs must be [M, L+1] with M >= 1, got {target_seqs.shape}")
+    grad_sum = jax.jit(jax.grad(
+        lambda p, x: jnp.sum(model_lib.per_example_loss(p, x, model_cfg))))
+    total = None
+    for start in range(0, target_seqs.shape[0], batch_size):
+        g = grad_sum(params, jnp.asarray(target_seqs[start:start + batch_size]))["embed"]
+        total = g if total is None else total + g
+    grad = total.astype(jnp.float32) / target_seqs.shape[0]
+    nu_hat = jnp.asarray(adam_nu["embed"], jnp.float32) / (1.0 - b2 ** int(adam_count))
+    return np.asarray(grad / (jnp.sqrt(nu_hat) + eps), np.float32)
+
+
+def output_alignment(params, hidden, targets, direction, model_cfg):
+    """[N]: for each row, <d loss_row / d embed through the output layer, direction>.
+
+    The output-layer gradient of a row's mean loss is mean_t (p_t - onehot(y_t)) h_t^T,
+    so its inner product with `direction` [V, d] is mean_t (sum_v p_tv u_tv - u_t,y_t)
+    with u_t = direction @ h_t: one more [tokens, V] product beside the logits, formed
+    `loss_chunk` tokens at a time like the loss.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n, length, d = hidden.shape
+    h = hidden.reshape(-1, d)
+    t = targets.reshape(-1).astype(jnp.int32)
+    embed = params["embed"].astype(model_cfg.cdtype)
+    direc = jnp.asarray(direction).astype(model_cfg.cdtype)
+    acc = model_cfg.acc_dtype
+
+    def chunk(args):
+        hc, tc = args
+        probs = jax.nn.softmax(jnp.einsum("cd,vd->cv", hc, embed, preferred_element_type=acc), -1)
+        u = jnp.einsum("cd,vd->cv", hc, direc, preferred_element_type=acc)
+        return jnp.sum(probs * u, -1) - jnp.take_along_axis(u, tc[:, None], -1)[:, 0]
+
+    m, c = h.shape[0], model_cfg.loss_chunk
+    if m <= c:
+        per_token = chunk((h, t))
+    else:
+        n_chunks = -(-m // c)
+        pad = n_chunks * c - m
+        hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, c, d)
+        tp = jnp.pad(t, (0, pad)).reshape(n_chunks, c)
+        per_token = jax.lax.map(chunk, (hp, tp)).reshape(-1)[:m]
+    return jnp.mean(per_token.reshape(n, length), axis=-1).astype(jnp.float32)
+
+
+def features_with_loss_and_alignment(params_and_direction, seqs, model_cfg):
+    """[N, d + 2]: `features_with_loss`'s columns and `output_alignment` with the given
+    direction, all from one forward pass. Takes (params, direction) as its first argument
+    so that `extract_features` places both on the devices."""
+    import jax.numpy as jnp
+    from mgd.pipeline import model as model_lib
+    params, direction = params_and_direction
+    seqs = jnp.asarray(seqs)
+    hidden = model_lib.forward(params, seqs[:, :-1], model_cfg)
+    pooled = jnp.mean(hidden.astype(jnp.float32), axis=1)
+    loss = jnp.mean(model_lib.token_losses(params, hidden, seqs[:, 1:], model_cfg), axis=-1)
+    align = output_alignment(params, hidden, seqs[:, 1:], direction, model_cfg)
+    return jnp.concatenate([pooled, loss.astype(jnp.float32)[:, None], align[:, None]], axis=1)
+
+
 def extract_features(params, seqs, model_cfg, *, batch_size: int = 256, progress: bool = True,
                      features_fn=None) -> np.ndarray:
     """[N, d] float32 features of every sequence, batched and split over local devices.
 
     `features_fn(params, seqs, cfg)` defaults to `model.features`; pass
-    `features_with_loss` to append the per-sequence loss from the same pass.
+    `features_with_loss` to append the per-sequence loss from the same pass, or
+    `features_with_loss_and_alignment` with `params=(params, target_direction(...))`
+    to append the output layer's alignment with the target's gradient too.
 
     Each batch is sharded along its leading axis over all local devices (one mesh axis),
     so on an 8-GPU host each device runs 1/8 of the batch; on one device it is a plain

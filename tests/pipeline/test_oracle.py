@@ -124,6 +124,27 @@ def test_plan_rounds_covers_rows_evenly():
         oracle.plan_rounds(3, oc, 7)
 
 
+@pytest.mark.parametrize("noise_sd", [0.5, 2.0])
+def test_split_half_reliability_recovers_the_labels_signal_to_noise(noise_sd):
+    """Labels = a per-row truth plus independent noise in each round: the reliability of
+    the mean over a row's 8 rounds is 1 / (1 + noise_sd^2 / 8)."""
+    rng = np.random.default_rng(3)
+    round_indices, _ = oracle.plan_rounds(2048, oracle.OracleConfig(k=256, rounds=64), 4)
+    truth = rng.standard_normal(2048)
+    tau = -(truth[round_indices] + noise_sd * rng.standard_normal(round_indices.shape))
+    expected = 1.0 / (1.0 + noise_sd ** 2 / 8)
+    assert oracle.split_half_reliability(round_indices, tau) == pytest.approx(expected, abs=0.05)
+
+
+def test_split_half_reliability_of_pure_noise_and_of_rows_seen_once():
+    rng = np.random.default_rng(4)
+    round_indices, _ = oracle.plan_rounds(2048, oracle.OracleConfig(k=256, rounds=64), 4)
+    assert abs(oracle.split_half_reliability(
+        round_indices, rng.standard_normal(round_indices.shape))) < 0.1
+    once = np.arange(12).reshape(3, 4)   # every row in one round only: nothing to split
+    assert np.isnan(oracle.split_half_reliability(once, rng.standard_normal((3, 4))))
+
+
 LABEL_CFG = model.GPTConfig(vocab_size=37, seq_len=8, n_layer=1, n_head=2, d_model=16,
                             attention_impl="xla", compute_dtype="float32")
 
@@ -290,3 +311,6 @@ def test_label_summary_says_whether_the_inner_steps_raised_the_target_loss(tmp_p
     assert summary["phi_rose_fraction"] == pytest.approx(
         float(np.mean(labels.round_phi > labels.round_phi0)))
     assert summary["phi_rose_fraction"] > 0.5 and summary["phi_mean"] > summary["phi0_mean"]
+    # 3 rounds of 6 rows out of 24 cover no row twice: no reliability to report.
+    assert np.isnan(oracle.split_half_reliability(labels.round_indices, labels.round_tau))
+    assert summary["label_reliability"] is None

@@ -96,6 +96,7 @@ def test_smoke_preset_runs_every_stage_and_baseline(smoke_run):
         assert (out / png).stat().st_size > 1000, png
     report = (out / "report.md").read_text()
     assert "Held-out Spearman" in report and "metagrad_distilled" in report
+    assert "Label reliability" in report
     assert "eval_loss_mean" in stdout   # the summary table is printed at the end
     scorer = json.loads((out / "scorer" / "summary.json").read_text())
     assert set(scorer["heldout_spearman"]) == {"ridge", "mlp"}

@@ -151,3 +151,68 @@ def test_features_with_loss_is_model_features_plus_the_sequence_loss():
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[:, -1], np.asarray(model.per_example_loss(params, seqs, cfg)),
                                rtol=1e-5)
+
+
+# ------------------------------------------------------------ the alignment feature
+
+def _tiny_model(seed=0, loss_chunk=512):
+    import jax
+    from mgd.pipeline import model
+    cfg = model.GPTConfig(vocab_size=29, seq_len=12, n_layer=2, n_head=2, d_model=16,
+                          attention_impl="xla", compute_dtype="float32", loss_chunk=loss_chunk)
+    return cfg, model.init_params(cfg, jax.random.key(seed))
+
+
+@pytest.mark.parametrize("loss_chunk", [512, 7])   # one chunk, and chunks that need padding
+def test_output_alignment_is_the_output_layer_gradient_inner_product(loss_chunk):
+    """Against autodiff: the gradient of each row's mean loss with respect to the tied
+    embedding through the output layer alone (the hidden states held fixed), dotted
+    with a fresh random direction."""
+    import jax
+    import jax.numpy as jnp
+    from mgd.pipeline import model
+    cfg, params = _tiny_model(1, loss_chunk)
+    rng = np.random.default_rng(5)
+    seqs = jnp.asarray(rng.integers(0, 29, (5, 13)), jnp.int32)
+    direction = rng.standard_normal((29, 16)).astype(np.float32)
+    hidden = model.forward(params, seqs[:, :-1], cfg)
+    got = scorer.output_alignment(params, hidden, seqs[:, 1:], direction, cfg)
+
+    def row_loss(embed, i):
+        p = {**params, "embed": embed}
+        return jnp.mean(model.token_losses(p, jax.lax.stop_gradient(hidden[i]), seqs[i, 1:], cfg))
+    want = [float(jnp.vdot(jax.grad(row_loss)(params["embed"], i), direction)) for i in range(5)]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-7)
+    assert np.ptp(want) > 0
+
+
+def test_target_direction_is_the_preconditioned_target_gradient():
+    import jax
+    import jax.numpy as jnp
+    from mgd.pipeline import model
+    cfg, params = _tiny_model(2)
+    rng = np.random.default_rng(6)
+    target = rng.integers(0, 29, (9, 13)).astype(np.int32)
+    nu = {"embed": rng.uniform(1e-6, 1e-3, (29, 16)).astype(np.float32)}
+    got = scorer.target_direction(params, target, cfg, nu, 40, b2=0.99, eps=1e-8, batch_size=4)
+    g = jax.grad(lambda p: jnp.mean(model.per_example_loss(p, jnp.asarray(target), cfg)))(params)
+    want = np.asarray(g["embed"]) / (np.sqrt(nu["embed"] / (1 - 0.99 ** 40)) + 1e-8)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    with pytest.raises(ValueError, match="target_seqs"):
+        scorer.target_direction(params, target[:0], cfg, nu, 40)
+
+
+def test_features_with_alignment_append_loss_and_alignment_columns():
+    import jax.numpy as jnp
+    from mgd.pipeline import model
+    cfg, params = _tiny_model(3)
+    rng = np.random.default_rng(7)
+    seqs = rng.integers(0, 29, (6, 13)).astype(np.int32)
+    direction = rng.standard_normal((29, 16)).astype(np.float32)
+    feats = scorer.extract_features((params, direction), seqs, cfg, batch_size=4, progress=False,
+                                    features_fn=scorer.features_with_loss_and_alignment)
+    base = np.asarray(scorer.features_with_loss(params, jnp.asarray(seqs), cfg))
+    np.testing.assert_allclose(feats[:, :17], base, rtol=1e-5, atol=1e-6)
+    hidden = model.forward(params, jnp.asarray(seqs[:, :-1]), cfg)
+    align = scorer.output_alignment(params, hidden, jnp.asarray(seqs[:, 1:]), direction, cfg)
+    np.testing.assert_allclose(feats[:, 17], np.asarray(align), rtol=1e-5, atol=1e-6)
