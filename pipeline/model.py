@@ -122,6 +122,11 @@ def _rotary(x, base):
 
 
 def _block(x, p, cfg: GPTConfig):
+    return _block_with_mlp_activation(x, p, cfg)[0]
+
+
+def _block_with_mlp_activation(x, p, cfg: GPTConfig):
+    """(block output, the MLP's activation: the input of w_down)."""
     b, t, d = x.shape
     h = _rms_norm(x, p["norm1"], cfg.cdtype)
     qkv = _matmul(h, p["wqkv"], cfg).astype(cfg.cdtype).reshape(b, t, 3, cfg.n_head, cfg.head_dim)
@@ -133,7 +138,7 @@ def _block(x, p, cfg: GPTConfig):
     # Cast before the nonlinearity: its input is what the backward keeps, and the
     # widest activation of the block is better kept in compute dtype.
     up = jax.nn.gelu(_matmul(h, p["w_up"], cfg).astype(cfg.cdtype))
-    return x + _matmul(up, p["w_down"], cfg)
+    return x + _matmul(up, p["w_down"], cfg), up
 
 
 def forward(params, tokens, cfg: GPTConfig):
@@ -154,6 +159,24 @@ def forward(params, tokens, cfg: GPTConfig):
         body = jax.checkpoint(body)
     x, _ = jax.lax.scan(body, x, params["blocks"])
     return _rms_norm(x, params["norm_f"], cfg.cdtype)
+
+
+def forward_with_last_layer(params, tokens, cfg: GPTConfig):
+    """(final hidden states [N, T, d] as `forward` returns them, the residual stream
+    before the final norm [N, T, d], the last block's MLP activation [N, T, ff]): what
+    the last layer's gradients need besides the output layer (scorer.last_layer_alignment)."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if tokens.shape[1] > cfg.seq_len:
+        raise ValueError(f"tokens have {tokens.shape[1]} positions, more than "
+                         f"GPTConfig.seq_len={cfg.seq_len}")
+    x = params["embed"][tokens].astype(cfg.acc_dtype)
+    first = jax.tree_util.tree_map(lambda a: a[:-1], params["blocks"])
+    last = jax.tree_util.tree_map(lambda a: a[-1], params["blocks"])
+    x, _ = jax.lax.scan(lambda x, p: (_block(x, p, cfg), None), x, first)
+    x, up = _block_with_mlp_activation(x, last, cfg)
+    return _rms_norm(x, params["norm_f"], cfg.cdtype), x, up
 
 
 def token_losses(params, hidden, targets, cfg: GPTConfig):

@@ -26,9 +26,8 @@ class Preset:
     continued: dict               # ContinuedConfig fields for the final comparison
     # loss_feature: append the base model's per-sequence loss (same forward pass) to the
     # mean-pooled hidden state; see scorer.features_with_loss. alignment_feature: append
-    # the output layer's Adam-preconditioned gradient alignment with the target loss
-    # (scorer.output_alignment; on CPU runs it raised the held-out Spearman from 0.63 to
-    # 0.77 with ridge on a 3-layer model, bench/results/cpu_2026-11-29_alignment_feature).
+    # the last layer's Adam-preconditioned gradient alignment with the target loss
+    # (scorer.last_layer_alignment; CPU comparison: bench/results/cpu_2026-11-29_alignment_feature).
     scorer: dict = field(default_factory=lambda: {"regressors": ("ridge", "mlp"),
                                                   "mlp_hidden": 256, "holdout_fraction": 0.2,
                                                   "loss_feature": True, "alignment_feature": True})

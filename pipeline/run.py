@@ -279,7 +279,8 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
             if sc.get("loss_feature"):
                 feature_set += " + per-sequence loss"
             if sc.get("alignment_feature"):
-                feature_set += " + output-layer alignment with the target gradient"
+                feature_set += (" + last-layer gradient alignment with the target ("
+                                + ", ".join(scorer_mod.ALIGNMENT_COLUMNS) + ")")
             artifacts.atomic_write_json(tmp / "summary.json",
                                         {**fit.summary(), "features": feature_set})
     scorer_summary = artifacts.read_json(st.path / "summary.json")

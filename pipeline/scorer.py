@@ -3,8 +3,8 @@
 The metagradient oracle labels only a few thousand sequences; the scorer generalises
 those labels to the whole corpus from one forward pass of the base model per sequence
 (the mean-pooled final hidden state, `model.features`; optionally the sequence's loss and
-the alignment of its output-layer gradient with the target's, Adam-preconditioned, which
-is the output layer's share of the label to first order in the inner lr). Two regressors compete on a
+the alignment of its last-layer gradients with the target's, Adam-preconditioned: the
+last layer's share of the label to first order in the inner lr). Two regressors compete on a
 held-out split of the labeled rows, judged by Spearman correlation (selection only uses
 the ranking): closed-form ridge and a small MLP. The winner is refit on every labeled
 row and scores every sequence, including those the oracle never saw.
@@ -41,15 +41,26 @@ def features_with_loss(params, seqs, model_cfg):
     return jnp.concatenate([pooled, loss.astype(jnp.float32)[:, None]], axis=1)
 
 
-def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=0.999,
-                     eps=1e-8, batch_size: int = 128):
-    """[V, d] float32: the gradient of the target loss Phi (mean loss over `target_seqs`)
-    with respect to the tied embedding matrix, preconditioned as the oracle's inner Adam
-    preconditions it (the base run's second moment, bias-corrected: g / (sqrt(nu) + eps)).
+ALIGNMENT_COLUMNS = ("output layer", "final norm", "last MLP down projection")
 
-    Computed once per run. To first order in the inner lr, a row's label is the
-    preconditioned inner product of its loss gradient with Phi's; `output_alignment`
-    takes that inner product for the output layer alone, which one forward pass can do.
+
+def _last_layer(tree):
+    """The parameters whose gradients the alignment features take, by name."""
+    return {"embed": tree["embed"], "norm_f": tree["norm_f"],
+            "w_down": tree["blocks"]["w_down"][-1]}
+
+
+def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=0.999,
+                     eps=1e-8, batch_size: int = 128) -> dict:
+    """The gradient of the target loss Phi (mean loss over `target_seqs`) with respect to
+    the last layer's parameters (the tied embedding, the final norm's scale, the last
+    MLP's down projection), preconditioned as the oracle's inner Adam preconditions it:
+    g / (sqrt(nu_hat) + eps) with the base run's bias-corrected second moment. A dict
+    of float32 arrays keyed like `_last_layer`. Computed once per run.
+
+    To first order in the inner lr, a row's label is the preconditioned inner product of
+    its loss gradient with Phi's, summed over all parameters; `last_layer_alignment`
+    takes the last layer's share of it, which needs no backward pass through the model.
     """
     import jax
     import jax.numpy as jnp
@@ -58,66 +69,88 @@ def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=
     target_seqs = np.asarray(target_seqs)
     if target_seqs.ndim != 2 or target_seqs.shape[0] == 0:
         raise ValueError(f"target_seqs must be [M, L+1] with M >= 1, got {target_seqs.shape}")
-    grad_sum = jax.jit(jax.grad(
-        lambda p, x: jnp.sum(model_lib.per_example_loss(p, x, model_cfg))))
+    grad_sum = jax.jit(lambda p, x: _last_layer(jax.grad(
+        lambda q: jnp.sum(model_lib.per_example_loss(q, x, model_cfg)))(p)))
     total = None
     for start in range(0, target_seqs.shape[0], batch_size):
-        g = grad_sum(params, jnp.asarray(target_seqs[start:start + batch_size]))["embed"]
-        total = g if total is None else total + g
-    grad = total.astype(jnp.float32) / target_seqs.shape[0]
-    nu_hat = jnp.asarray(adam_nu["embed"], jnp.float32) / (1.0 - b2 ** int(adam_count))
-    return np.asarray(grad / (jnp.sqrt(nu_hat) + eps), np.float32)
+        g = grad_sum(params, jnp.asarray(target_seqs[start:start + batch_size]))
+        total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+    nu = _last_layer(adam_nu)
+    correction = 1.0 - b2 ** int(adam_count)
+
+    def precondition(g, v):
+        g = g.astype(jnp.float32) / target_seqs.shape[0]
+        return np.asarray(g / (jnp.sqrt(jnp.asarray(v, jnp.float32) / correction) + eps),
+                          np.float32)
+    return {k: precondition(total[k], nu[k]) for k in total}
 
 
-def output_alignment(params, hidden, targets, direction, model_cfg):
-    """[N]: for each row, <d loss_row / d embed through the output layer, direction>.
+def last_layer_alignment(params, hidden, resid, up, targets, direction, model_cfg):
+    """[N, 3]: for each row, <d loss_row / d theta, direction[theta]> for theta the tied
+    embedding in its output role, the final norm's scale, and the last MLP's down
+    projection (`ALIGNMENT_COLUMNS`), from `model.forward_with_last_layer`'s outputs.
 
-    The output-layer gradient of a row's mean loss is mean_t (p_t - onehot(y_t)) h_t^T,
-    so its inner product with `direction` [V, d] is mean_t (sum_v p_tv u_tv - u_t,y_t)
-    with u_t = direction @ h_t: one more [tokens, V] product beside the logits, formed
-    `loss_chunk` tokens at a time like the loss.
+    These gradients are local: with r_t = softmax(logits_t) - onehot(y_t), the output
+    layer's is mean_t r_t h_t^T; the final hidden state's is g_t = r_t E; the final
+    norm's scale gets mean_t g_t * xhat_t (xhat the normalised residual); the residual
+    stream gets the norm's backward of g_t, delta_t; the down projection gets
+    mean_t up_t delta_t^T. Formed `loss_chunk` tokens at a time, like the loss.
     """
     import jax
     import jax.numpy as jnp
 
     n, length, d = hidden.shape
-    h = hidden.reshape(-1, d)
-    t = targets.reshape(-1).astype(jnp.int32)
-    embed = params["embed"].astype(model_cfg.cdtype)
-    direc = jnp.asarray(direction).astype(model_cfg.cdtype)
     acc = model_cfg.acc_dtype
+    cd = model_cfg.cdtype
+    embed = params["embed"].astype(cd)
+    scale = params["norm_f"].astype(acc)
+    d_embed = jnp.asarray(direction["embed"]).astype(cd)
+    d_norm = jnp.asarray(direction["norm_f"]).astype(acc)
+    d_down = jnp.asarray(direction["w_down"]).astype(cd)
 
     def chunk(args):
-        hc, tc = args
-        probs = jax.nn.softmax(jnp.einsum("cd,vd->cv", hc, embed, preferred_element_type=acc), -1)
-        u = jnp.einsum("cd,vd->cv", hc, direc, preferred_element_type=acc)
-        return jnp.sum(probs * u, -1) - jnp.take_along_axis(u, tc[:, None], -1)[:, 0]
+        hc, xc, uc, tc = args
+        logits = jnp.einsum("cd,vd->cv", hc, embed, preferred_element_type=acc)
+        r = jax.nn.softmax(logits, -1).at[jnp.arange(tc.shape[0]), tc].add(-1.0)
+        a_out = jnp.sum(r * jnp.einsum("cd,vd->cv", hc, d_embed, preferred_element_type=acc), -1)
+        g = jnp.einsum("cv,vd->cd", r.astype(cd), embed, preferred_element_type=acc)
+        xc = xc.astype(acc)
+        inv_rms = jax.lax.rsqrt(jnp.mean(xc * xc, -1, keepdims=True) + 1e-6)  # model._rms_norm
+        xhat = xc * inv_rms
+        a_norm = jnp.sum(g * xhat * d_norm, -1)
+        v = g * scale
+        delta = inv_rms * (v - xhat * jnp.mean(v * xhat, -1, keepdims=True))
+        a_down = jnp.sum(uc.astype(acc) * jnp.einsum("fd,cd->cf", d_down, delta.astype(cd),
+                                                     preferred_element_type=acc), -1)
+        return jnp.stack([a_out, a_norm, a_down], -1)
 
-    m, c = h.shape[0], model_cfg.loss_chunk
+    flat = (hidden.reshape(-1, d), resid.reshape(-1, d), up.reshape(-1, up.shape[-1]),
+            targets.reshape(-1).astype(jnp.int32))
+    m, c = flat[0].shape[0], model_cfg.loss_chunk
     if m <= c:
-        per_token = chunk((h, t))
+        per_token = chunk(flat)
     else:
         n_chunks = -(-m // c)
         pad = n_chunks * c - m
-        hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, c, d)
-        tp = jnp.pad(t, (0, pad)).reshape(n_chunks, c)
-        per_token = jax.lax.map(chunk, (hp, tp)).reshape(-1)[:m]
-    return jnp.mean(per_token.reshape(n, length), axis=-1).astype(jnp.float32)
+        padded = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in flat]
+        per_token = jax.lax.map(chunk, [a.reshape((n_chunks, c) + a.shape[1:]) for a in padded])
+        per_token = per_token.reshape(-1, 3)[:m]
+    return jnp.mean(per_token.reshape(n, length, 3), axis=1).astype(jnp.float32)
 
 
 def features_with_loss_and_alignment(params_and_direction, seqs, model_cfg):
-    """[N, d + 2]: `features_with_loss`'s columns and `output_alignment` with the given
-    direction, all from one forward pass. Takes (params, direction) as its first argument
-    so that `extract_features` places both on the devices."""
+    """[N, d + 4]: `features_with_loss`'s columns, then `last_layer_alignment`'s three,
+    all from one forward pass. Takes (params, direction) as its first argument so that
+    `extract_features` places both on the devices."""
     import jax.numpy as jnp
     from mgd.pipeline import model as model_lib
     params, direction = params_and_direction
     seqs = jnp.asarray(seqs)
-    hidden = model_lib.forward(params, seqs[:, :-1], model_cfg)
+    hidden, resid, up = model_lib.forward_with_last_layer(params, seqs[:, :-1], model_cfg)
     pooled = jnp.mean(hidden.astype(jnp.float32), axis=1)
     loss = jnp.mean(model_lib.token_losses(params, hidden, seqs[:, 1:], model_cfg), axis=-1)
-    align = output_alignment(params, hidden, seqs[:, 1:], direction, model_cfg)
-    return jnp.concatenate([pooled, loss.astype(jnp.float32)[:, None], align[:, None]], axis=1)
+    align = last_layer_alignment(params, hidden, resid, up, seqs[:, 1:], direction, model_cfg)
+    return jnp.concatenate([pooled, loss.astype(jnp.float32)[:, None], align], axis=1)
 
 
 def extract_features(params, seqs, model_cfg, *, batch_size: int = 256, progress: bool = True,
@@ -127,7 +160,7 @@ def extract_features(params, seqs, model_cfg, *, batch_size: int = 256, progress
     `features_fn(params, seqs, cfg)` defaults to `model.features`; pass
     `features_with_loss` to append the per-sequence loss from the same pass, or
     `features_with_loss_and_alignment` with `params=(params, target_direction(...))`
-    to append the output layer's alignment with the target's gradient too.
+    to append the last layer's alignment with the target's gradient too.
 
     Each batch is sharded along its leading axis over all local devices (one mesh axis),
     so on an 8-GPU host each device runs 1/8 of the batch; on one device it is a plain

@@ -163,27 +163,44 @@ def _tiny_model(seed=0, loss_chunk=512):
     return cfg, model.init_params(cfg, jax.random.key(seed))
 
 
+def _random_direction(rng, d=16, ff=64, vocab=29):
+    return {"embed": rng.standard_normal((vocab, d)).astype(np.float32),
+            "norm_f": rng.standard_normal(d).astype(np.float32),
+            "w_down": rng.standard_normal((ff, d)).astype(np.float32)}
+
+
 @pytest.mark.parametrize("loss_chunk", [512, 7])   # one chunk, and chunks that need padding
-def test_output_alignment_is_the_output_layer_gradient_inner_product(loss_chunk):
-    """Against autodiff: the gradient of each row's mean loss with respect to the tied
-    embedding through the output layer alone (the hidden states held fixed), dotted
-    with a fresh random direction."""
+def test_last_layer_alignment_is_the_last_layer_gradient_inner_product(loss_chunk):
+    """Against autodiff of each row's mean loss, dotted with fresh random directions: the
+    tied embedding through the output layer alone (hidden states held fixed), the final
+    norm's scale, and the last block's down projection."""
     import jax
     import jax.numpy as jnp
     from mgd.pipeline import model
     cfg, params = _tiny_model(1, loss_chunk)
     rng = np.random.default_rng(5)
     seqs = jnp.asarray(rng.integers(0, 29, (5, 13)), jnp.int32)
-    direction = rng.standard_normal((29, 16)).astype(np.float32)
-    hidden = model.forward(params, seqs[:, :-1], cfg)
-    got = scorer.output_alignment(params, hidden, seqs[:, 1:], direction, cfg)
+    direction = _random_direction(rng)
+    hidden, resid, up = model.forward_with_last_layer(params, seqs[:, :-1], cfg)
+    np.testing.assert_allclose(hidden, model.forward(params, seqs[:, :-1], cfg), rtol=1e-5, atol=1e-6)
+    got = np.asarray(scorer.last_layer_alignment(params, hidden, resid, up, seqs[:, 1:],
+                                                 direction, cfg))
 
-    def row_loss(embed, i):
+    def out_role(embed, i):
         p = {**params, "embed": embed}
         return jnp.mean(model.token_losses(p, jax.lax.stop_gradient(hidden[i]), seqs[i, 1:], cfg))
-    want = [float(jnp.vdot(jax.grad(row_loss)(params["embed"], i), direction)) for i in range(5)]
-    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=1e-7)
-    assert np.ptp(want) > 0
+
+    def row_loss(p, i):
+        return model.per_example_loss(p, seqs[i:i + 1], cfg)[0]
+
+    want = np.zeros((5, 3))
+    for i in range(5):
+        g = jax.grad(row_loss)(params, i)
+        want[i] = [jnp.vdot(jax.grad(out_role)(params["embed"], i), direction["embed"]),
+                   jnp.vdot(g["norm_f"], direction["norm_f"]),
+                   jnp.vdot(g["blocks"]["w_down"][-1], direction["w_down"])]
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6 * np.abs(want).max())
+    assert np.all(np.ptp(want, axis=0) > 0)
 
 
 def test_target_direction_is_the_preconditioned_target_gradient():
@@ -193,11 +210,14 @@ def test_target_direction_is_the_preconditioned_target_gradient():
     cfg, params = _tiny_model(2)
     rng = np.random.default_rng(6)
     target = rng.integers(0, 29, (9, 13)).astype(np.int32)
-    nu = {"embed": rng.uniform(1e-6, 1e-3, (29, 16)).astype(np.float32)}
+    nu = jax.tree_util.tree_map(
+        lambda a: rng.uniform(1e-6, 1e-3, a.shape).astype(np.float32), params)
     got = scorer.target_direction(params, target, cfg, nu, 40, b2=0.99, eps=1e-8, batch_size=4)
     g = jax.grad(lambda p: jnp.mean(model.per_example_loss(p, jnp.asarray(target), cfg)))(params)
-    want = np.asarray(g["embed"]) / (np.sqrt(nu["embed"] / (1 - 0.99 ** 40)) + 1e-8)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    for name, grad, v in [("embed", g["embed"], nu["embed"]), ("norm_f", g["norm_f"], nu["norm_f"]),
+                          ("w_down", g["blocks"]["w_down"][-1], nu["blocks"]["w_down"][-1])]:
+        want = np.asarray(grad) / (np.sqrt(v / (1 - 0.99 ** 40)) + 1e-8)
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
     with pytest.raises(ValueError, match="target_seqs"):
         scorer.target_direction(params, target[:0], cfg, nu, 40)
 
@@ -208,11 +228,12 @@ def test_features_with_alignment_append_loss_and_alignment_columns():
     cfg, params = _tiny_model(3)
     rng = np.random.default_rng(7)
     seqs = rng.integers(0, 29, (6, 13)).astype(np.int32)
-    direction = rng.standard_normal((29, 16)).astype(np.float32)
+    direction = _random_direction(rng)
     feats = scorer.extract_features((params, direction), seqs, cfg, batch_size=4, progress=False,
                                     features_fn=scorer.features_with_loss_and_alignment)
+    assert feats.shape == (6, 16 + 1 + len(scorer.ALIGNMENT_COLUMNS))
     base = np.asarray(scorer.features_with_loss(params, jnp.asarray(seqs), cfg))
     np.testing.assert_allclose(feats[:, :17], base, rtol=1e-5, atol=1e-6)
-    hidden = model.forward(params, jnp.asarray(seqs[:, :-1]), cfg)
-    align = scorer.output_alignment(params, hidden, jnp.asarray(seqs[:, 1:]), direction, cfg)
-    np.testing.assert_allclose(feats[:, 17], np.asarray(align), rtol=1e-5, atol=1e-6)
+    fwd = model.forward_with_last_layer(params, jnp.asarray(seqs[:, :-1]), cfg)
+    align = scorer.last_layer_alignment(params, *fwd, jnp.asarray(seqs[:, 1:]), direction, cfg)
+    np.testing.assert_allclose(feats[:, 17:], np.asarray(align), rtol=1e-5, atol=1e-6)
