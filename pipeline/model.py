@@ -141,9 +141,8 @@ def _block_with_mlp_activation(x, p, cfg: GPTConfig):
     return x + _matmul(up, p["w_down"], cfg), up
 
 
-def forward(params, tokens, cfg: GPTConfig):
-    """Final hidden states [N, T, d] (after the last norm, in compute dtype) for
-    int tokens [N, T]."""
+def _embed(params, tokens, cfg: GPTConfig):
+    """Input embeddings [N, T, d] of int tokens [N, T], in the accumulation dtype."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
@@ -151,6 +150,28 @@ def forward(params, tokens, cfg: GPTConfig):
         raise ValueError(f"tokens have {tokens.shape[1]} positions, more than "
                          f"GPTConfig.seq_len={cfg.seq_len}")
     x = params["embed"][tokens].astype(cfg.acc_dtype)
+    return x
+
+
+def map_token_chunks(fn, arrays, chunk: int):
+    """fn over the leading (token) axis of `arrays` in chunks of `chunk` rows, the last
+    one padded, results trimmed and concatenated: what keeps [tokens, vocab]
+    intermediates to `chunk` rows at a time."""
+    m = arrays[0].shape[0]
+    if m <= chunk:
+        return fn(*arrays)
+    n_chunks = -(-m // chunk)
+    pad = n_chunks * chunk - m
+    padded = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+              .reshape((n_chunks, chunk) + a.shape[1:]) for a in arrays]
+    out = jax.lax.map(lambda args: fn(*args), padded)
+    return out.reshape((n_chunks * chunk,) + out.shape[2:])[:m]
+
+
+def forward(params, tokens, cfg: GPTConfig):
+    """Final hidden states [N, T, d] (after the last norm, in compute dtype) for
+    int tokens [N, T]."""
+    x = _embed(params, tokens, cfg)
 
     def body(x, p):
         return _block(x, p, cfg), None
@@ -165,13 +186,7 @@ def forward_with_last_layer(params, tokens, cfg: GPTConfig):
     """(final hidden states [N, T, d] as `forward` returns them, the residual stream
     before the final norm [N, T, d], the last block's MLP activation [N, T, ff]): what
     the last layer's gradients need besides the output layer (scorer.last_layer_alignment)."""
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
-    if tokens.shape[1] > cfg.seq_len:
-        raise ValueError(f"tokens have {tokens.shape[1]} positions, more than "
-                         f"GPTConfig.seq_len={cfg.seq_len}")
-    x = params["embed"][tokens].astype(cfg.acc_dtype)
+    x = _embed(params, tokens, cfg)
     first = jax.tree_util.tree_map(lambda a: a[:-1], params["blocks"])
     last = jax.tree_util.tree_map(lambda a: a[-1], params["blocks"])
     x, _ = jax.lax.scan(lambda x, p: (_block(x, p, cfg), None), x, first)
@@ -189,7 +204,6 @@ def token_losses(params, hidden, targets, cfg: GPTConfig):
     lead = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).astype(jnp.int32)
-    m, c = h.shape[0], cfg.loss_chunk
     embed = params["embed"].astype(cfg.cdtype)
 
     @jax.checkpoint
@@ -198,14 +212,7 @@ def token_losses(params, hidden, targets, cfg: GPTConfig):
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 
-    if m <= c:
-        return chunk(h, t).reshape(lead)
-    n_chunks = -(-m // c)
-    pad = n_chunks * c - m
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, c, -1)
-    t = jnp.pad(t, (0, pad)).reshape(n_chunks, c)
-    losses = jax.lax.map(lambda args: chunk(*args), (h, t))
-    return losses.reshape(-1)[:m].reshape(lead)
+    return map_token_chunks(chunk, (h, t), cfg.loss_chunk).reshape(lead)
 
 
 def per_example_loss(params, seqs, cfg: GPTConfig):

@@ -223,6 +223,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
         log("base: done, skipped")
     base = load_params(st.path / "params.npz", model_cfg)
     base_eval = artifacts.read_json(st.path / "summary.json")["eval_loss"]
+    base_adam = _base_adam_state(st.path, model_cfg)   # the oracle's and the features' Adam
     log(f"base: eval loss {base_eval:.4f}")
 
     # -- oracle --------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
             "(bench/results/cpu_2026-11-29_oracle_lr): 0.3x is the tested setting")
     log("oracle: " + ("done, skipped" if (run_dir / "oracle" / "DONE").exists() else "labeling"))
     labels = label(base, corpus, model_cfg, OracleConfig(**plan["oracle"]), run_dir,
-                   progress=progress, adam_state=_base_adam_state(st.path, model_cfg))
+                   progress=progress, adam_state=base_adam)
     summary = artifacts.read_json(run_dir / "oracle" / "summary.json")
     log(f"oracle: {len(labels.indices)} rows labeled; target loss over the inner steps "
         f"{summary.get('phi0_mean', float('nan')):.4f} -> {summary['phi_mean']:.4f} "
@@ -251,7 +252,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
             if not plan["scorer"].get("loss_feature"):
                 raise ValueError("scorer.alignment_feature needs scorer.loss_feature")
             oc = OracleConfig(**plan["oracle"])
-            _, nu, count = _base_adam_state(run_dir / "base", model_cfg)
+            _, nu, count = base_adam
             direction = scorer_mod.target_direction(base, corpus.target_tokens, model_cfg, nu,
                                                     count, b2=oc.b2, eps=oc.eps)
             fn, fparams = scorer_mod.features_with_loss_and_alignment, (base, direction)

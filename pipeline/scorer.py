@@ -99,6 +99,8 @@ def last_layer_alignment(params, hidden, resid, up, targets, direction, model_cf
     import jax
     import jax.numpy as jnp
 
+    from mgd.pipeline import model as model_lib
+
     n, length, d = hidden.shape
     acc = model_cfg.acc_dtype
     cd = model_cfg.cdtype
@@ -108,8 +110,7 @@ def last_layer_alignment(params, hidden, resid, up, targets, direction, model_cf
     d_norm = jnp.asarray(direction["norm_f"]).astype(acc)
     d_down = jnp.asarray(direction["w_down"]).astype(cd)
 
-    def chunk(args):
-        hc, xc, uc, tc = args
+    def chunk(hc, xc, uc, tc):
         logits = jnp.einsum("cd,vd->cv", hc, embed, preferred_element_type=acc)
         r = jax.nn.softmax(logits, -1).at[jnp.arange(tc.shape[0]), tc].add(-1.0)
         a_out = jnp.sum(r * jnp.einsum("cd,vd->cv", hc, d_embed, preferred_element_type=acc), -1)
@@ -126,15 +127,7 @@ def last_layer_alignment(params, hidden, resid, up, targets, direction, model_cf
 
     flat = (hidden.reshape(-1, d), resid.reshape(-1, d), up.reshape(-1, up.shape[-1]),
             targets.reshape(-1).astype(jnp.int32))
-    m, c = flat[0].shape[0], model_cfg.loss_chunk
-    if m <= c:
-        per_token = chunk(flat)
-    else:
-        n_chunks = -(-m // c)
-        pad = n_chunks * c - m
-        padded = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in flat]
-        per_token = jax.lax.map(chunk, [a.reshape((n_chunks, c) + a.shape[1:]) for a in padded])
-        per_token = per_token.reshape(-1, 3)[:m]
+    per_token = model_lib.map_token_chunks(chunk, flat, model_cfg.loss_chunk)
     return jnp.mean(per_token.reshape(n, length, 3), axis=1).astype(jnp.float32)
 
 

@@ -1,9 +1,9 @@
 """Does the inner lr (relative to the base run's final lr) flip the oracle's cluster order?"""
-import sys, numpy as np, jax, tempfile, time
+import os, sys, numpy as np, jax, tempfile, time
 from pathlib import Path
 from mgd.pipeline import corpus as C, train as T, model, oracle
 from mgd.pipeline.train import eval_loss
-DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("MGD_DATA_DIR", "/work/shared/data"))  # the run here used the default
 tmp = Path(tempfile.mkdtemp())
 n_on = 800
 cc = C.CorpusConfig(ontarget=str(DATA / "ontarget.jsonl.gz"), offtarget=str(DATA / "offtarget.jsonl.gz"),

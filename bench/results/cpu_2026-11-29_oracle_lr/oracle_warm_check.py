@@ -1,8 +1,8 @@
 """Fresh vs warm-started inner Adam: cluster means of oracle scores (CPU, small)."""
-import sys, json, numpy as np, jax, tempfile
+import os, sys, json, numpy as np, jax, tempfile
 from pathlib import Path
 from mgd.pipeline import corpus as C, train as T, model, oracle
-DATA = Path("/work/shared/data")
+DATA = Path(os.environ.get("MGD_DATA_DIR", "/work/shared/data"))  # the run here used the default
 lr, steps = float(sys.argv[1]), int(sys.argv[2])
 tmp = Path(tempfile.mkdtemp())
 n_on = 400
