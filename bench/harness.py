@@ -11,7 +11,9 @@ Knobs (environment): MGD_BENCH_SETS (input sets, default 4), MGD_BENCH_MAX_S
 (timed seconds per benchmark, default 0.5), MGD_BENCH_MIN_ROUNDS (5),
 MGD_BENCH_MAX_ROUNDS (50), MGD_BENCH_JSONL (append every result and
 out-of-memory point to this file as it happens, so a run that is killed part
-way still leaves its finished numbers).
+way still leaves its finished numbers), MGD_BENCH_PROGRESS (a log of each
+benchmark's start, compile time and end, written as they happen: where a killed
+run spent its time).
 """
 from __future__ import annotations
 
@@ -210,6 +212,15 @@ def emit(record):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf8") as fh:
         fh.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+
+
+def progress(message):
+    """One timestamped line to $MGD_BENCH_PROGRESS, when set, written at once."""
+    path = os.environ.get("MGD_BENCH_PROGRESS")
+    if not path:
+        return
+    with open(path, "a", encoding="utf8") as fh:
+        fh.write(f"{time.strftime('%H:%M:%S')} {message}\n")
 
 
 def record_result(benchmark, median_s):

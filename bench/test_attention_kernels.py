@@ -9,6 +9,7 @@ shape, so pytest-benchmark's table compares implementations side by side.
 """
 from __future__ import annotations
 
+import time
 import zlib
 from functools import lru_cache, partial
 
@@ -125,7 +126,8 @@ def _bench(benchmark, stage, impl, shape):
     info.update(shape=shape.id, n_products=grid.PRODUCTS[stage], flops=grid.flops(stage, shape))
     jitted = _stage_function(stage, impl, shape.causal)
     before = harness.memory_stats()
-    failure = None
+    failure = median = None
+    harness.progress(f"start {impl} {stage} {shape.id}")
     try:
         sets = _input_sets_or_skip(stage, impl, shape, benchmark.disabled)
         info["input_sets"] = len(sets)
@@ -134,7 +136,12 @@ def _bench(benchmark, stage, impl, shape):
         # any implementation can get away with.
         info["bytes_moved"] = harness.nbytes(sets[0]) + harness.nbytes(outputs)
         if not benchmark.disabled:
+            start = time.perf_counter()
+            # Compiles (XLA's autotuning included) outside the timed region; the
+            # timed calls below find the executable in JAX's cache.
             info["compiled_bytes"] = harness.compiled_memory(jitted, sets[0])
+            info["compile_s"] = time.perf_counter() - start
+            harness.progress(f"compiled {impl} {stage} {shape.id} in {info['compile_s']:.1f} s")
         median = harness.measure(benchmark, stage, jitted, sets)
     except Exception as err:  # noqa: BLE001 - anything but out-of-memory is re-raised
         if not harness.is_oom(err):
@@ -142,6 +149,8 @@ def _bench(benchmark, stage, impl, shape):
         failure = f"{type(err).__name__}: {err}"
     if failure is not None:
         sets = None  # drop the device buffers before the next benchmark allocates
+    outcome = failure or (f"median {median * 1e3:.3f} ms" if median is not None else "ran once")
+    harness.progress(f"end {impl} {stage} {shape.id}: {outcome}")
     harness.settle_memory(benchmark, info, before, failure, f"{impl} {stage} {shape.id}")
     if median is not None:
         info["median_s"] = median

@@ -70,7 +70,7 @@ def smoke() -> Preset:
 
 def demo() -> Preset:
     """The demonstration on one H200, at most 8 minutes end to end (measured there:
-    325 s, bench/results/h200_2026-11-29b).
+    339 s with the alignment features, bench/results/h200_2026-11-29c).
 
     28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
     256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models
@@ -94,7 +94,7 @@ def demo() -> Preset:
         population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
         continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
         feature_batch=512, loss_batch=512,
-        expected_time="about 5.4 minutes on one H200 (325 s, measured 2026-11-29), half of it "
+        expected_time="about 5.7 minutes on one H200 (339 s, measured 2026-11-29), half of it "
                       "the oracle, then continued pretraining and DSIR's single-process "
                       "n-gram pass",
     )

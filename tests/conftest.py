@@ -31,3 +31,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With MGD_TEST_LOG set, every test's outcome and duration, and a failure's
+    traceback, go to that file the moment the test ends: a run stopped by a time
+    limit (the device's calls are capped) still says which test failed and why,
+    where pytest's own summary only comes at the end."""
+    path = os.environ.get("MGD_TEST_LOG")
+    if not path or (report.when != "call" and report.passed):
+        return
+    with open(path, "a", encoding="utf8") as fh:
+        fh.write(f"{report.outcome:8s} {report.when:8s} {report.duration:8.2f}s {report.nodeid}\n")
+        if report.failed:
+            fh.write(report.longreprtext[-6000:] + "\n\n")

@@ -121,3 +121,66 @@ def hvp(attention_fn, q, k, v, c, uq, uk, uv):
         return sum(jnp.sum(a.astype(wide) * b) for a, b in zip(g, (uq, uk, uv)))
 
     return jax.jit(jax.grad(inner, argnums=(0, 1, 2)))(q, k, v)
+
+
+# ------------------------------------------------------- long causal sequences
+
+LONG_ROWS = (0, 1, 4095, 20000)  # and the last row; each spot-checked in float64
+
+
+def long_causal_rows_reference(q, k, v, do, ddq, ddk, ddv, rows, scale, head=0):
+    """Float64 O, dO' and Q' of a few query rows of one head (causal): each depends on
+    its own row and the keys before it alone, so they are checkable at lengths where
+    a T x T matrix is not (T=32768: 4 GiB per head in float32)."""
+    f = lambda x: upcast(x[0, :, head])[0]  # noqa: E731
+    q, k, v, do, ddq, ddk, ddv = map(f, (q, k, v, do, ddq, ddk, ddv))
+    out = []
+    for i in rows:
+        s = scale * k[: i + 1] @ q[i]
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        o = p @ v[: i + 1]
+        dp = v[: i + 1] @ do[i]
+        delta = do[i] @ o
+        dds = scale * (k[: i + 1] @ ddq[i] + ddk[: i + 1] @ q[i])
+        dd = p @ dds
+        dp_bar = ddv[: i + 1] @ do[i] - dp * dd - dds * delta + dp * dds
+        ds = scale * p * (dp - delta)
+        ds_bar = scale * p * (dp_bar - p @ dp_bar)
+        gq = ds @ ddk[: i + 1] + ds_bar @ k[: i + 1]
+        gdo = p @ ddv[: i + 1] + (p * (dds - dd)) @ v[: i + 1]
+        out.append((o, gdo, gq))
+    return out
+
+
+def check_long_causal(forward, backward, double_backward, *, t=32768, h=16, d=128, seed=11):
+    """B=1, H=16, D=128, T=32768, bf16, causal, scale 1/sqrt(D) (naive autodiff runs
+    out of memory at half that length). The three callables take arrays only:
+    forward(q, k, v) -> (o, lse), backward(q, k, v, o, lse, do) -> (dq, dk, dv),
+    double_backward(q, k, v, o, lse, do, ddq, ddk, ddv) -> (gq, gk, gv, gdo).
+    Every output must be finite, and rows LONG_ROWS + the last of the first and the
+    last head must match float64. Every error is measured before anything is
+    asserted, so a failure names all the rows and outputs that miss."""
+    rng = np.random.default_rng(seed)
+    q, do, ddq, k, v, ddk, ddv = (draw(rng, (1, t, h, d), jnp.bfloat16) for _ in range(7))
+    scale = 1.0 / np.sqrt(d)
+    o, lse = forward(q, k, v)
+    grads = backward(q, k, v, o, lse, do)
+    gq, gk, gv, gdo = double_backward(q, k, v, o, lse, do, ddq, ddk, ddv)
+    outputs = dict(o=o, lse=lse, dq=grads[0], dk=grads[1], dv=grads[2], gq=gq, gk=gk, gv=gv,
+                   gdo=gdo)
+    bad = [n for n, x in outputs.items()
+           if not bool(jnp.all(jnp.isfinite(jnp.asarray(x, jnp.float32))))]
+    assert not bad, f"non-finite values in {bad} at T={t}"
+    rows = [r for r in LONG_ROWS if r < t] + [t - 1]
+    misses, report = [], []
+    for head in (0, h - 1):
+        refs = long_causal_rows_reference(q, k, v, do, ddq, ddk, ddv, rows, scale, head)
+        for i, (o_r, gdo_r, gq_r) in zip(rows, refs):
+            for name, got, ref, order in (("o", o, o_r, 0), ("gdo", gdo, gdo_r, 2),
+                                          ("gq", gq, gq_r, 2)):
+                err, tol = rel_l2(got[0, i, head], ref), tolerance("bfloat16", order)
+                report.append(f"{name}[row {i}, head {head}] {err:.2e}")
+                if err > tol:
+                    misses.append(f"{name}[row {i}, head {head}]: {err:.2e} > {tol:.1e}")
+    assert not misses, f"T={t}: " + "; ".join(misses) + "\nall: " + ", ".join(report)

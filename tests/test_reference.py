@@ -82,3 +82,26 @@ def test_autotuners_hold_candidates_to_the_tests_bf16_tolerance():
     from mgd.reference import agreement
     from tests.support import TOLERANCE
     assert agreement.BF16_TOLERANCE == TOLERANCE["bfloat16"]
+
+
+def test_long_sequence_check_passes_a_correct_backend_and_catches_a_wrong_one():
+    """The long-sequence spot check of the GPU tests (tests/support.py), run here on
+    the naive XLA backend at a length the CPU can hold: it passes, and it fails, naming
+    the output, when one row of Q' is off by a tenth."""
+    import jax
+    import pytest
+
+    from tests.support import check_long_causal
+
+    kw = dict(causal=True, scale=128 ** -0.5)
+    forward = jax.jit(lambda *a: xla.forward(*a, **kw))
+    backward = jax.jit(lambda *a: xla.backward(*a, **kw))
+    double_backward = jax.jit(lambda *a: xla.double_backward(*a, **kw))
+    check_long_causal(forward, backward, double_backward, t=300, h=2)
+
+    def wrong(*a):
+        gq, gk, gv, gdo = double_backward(*a)
+        return gq.at[0, 1, 0].multiply(1.1), gk, gv, gdo
+
+    with pytest.raises(AssertionError, match=r"gq\[row 1, head 0\]"):
+        check_long_causal(forward, backward, wrong, t=300, h=2)
