@@ -245,7 +245,10 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     from mgd.pipeline import scorer as scorer_mod
     st = artifacts.stage(run_dir, "features")
     if not st.done:
-        log("features: one forward pass over the corpus")
+        log("features: one forward pass over the corpus"
+            + (" (and a backward pass and a pass back through it, for the whole-model "
+               "gradient alignment)"
+               if plan["scorer"].get("gradient_alignment") else ""))
         fn = scorer_mod.features_with_loss if plan["scorer"].get("loss_feature") else None
         fparams = base
         if plan["scorer"].get("alignment_feature"):
@@ -256,6 +259,13 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
             direction = scorer_mod.target_direction(base, corpus.target_tokens, model_cfg, nu,
                                                     count, b2=oc.b2, eps=oc.eps)
             fn, fparams = scorer_mod.features_with_loss_and_alignment, (base, direction)
+            if plan["scorer"].get("gradient_alignment"):
+                whole = scorer_mod.target_direction(base, corpus.target_tokens, model_cfg, nu,
+                                                    count, b2=oc.b2, eps=oc.eps, parts="all")
+                fn = scorer_mod.features_with_gradient_alignment
+                fparams = (base, direction, whole)
+        elif plan["scorer"].get("gradient_alignment"):
+            raise ValueError("scorer.gradient_alignment needs scorer.alignment_feature")
         feats = scorer_mod.extract_features(fparams, corpus.tokens, model_cfg, features_fn=fn,
                                             batch_size=plan["feature_batch"], progress=progress)
         with st as tmp:
@@ -282,6 +292,8 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
             if sc.get("alignment_feature"):
                 feature_set += (" + last-layer gradient alignment with the target ("
                                 + ", ".join(scorer_mod.ALIGNMENT_COLUMNS) + ")")
+            if sc.get("gradient_alignment"):
+                feature_set += " + whole-model gradient alignment with the target"
             artifacts.atomic_write_json(tmp / "summary.json",
                                         {**fit.summary(), "features": feature_set})
     scorer_summary = artifacts.read_json(st.path / "summary.json")

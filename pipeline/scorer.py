@@ -4,7 +4,10 @@ The metagradient oracle labels only a few thousand sequences; the scorer general
 those labels to the whole corpus from one forward pass of the base model per sequence
 (the mean-pooled final hidden state, `model.features`; optionally the sequence's loss and
 the alignment of its last-layer gradients with the target's, Adam-preconditioned: the
-last layer's share of the label to first order in the inner lr). Two regressors compete on a
+last layer's share of the label to first order in the inner lr). Optionally too, the
+whole model's (`gradient_alignment`): the first-order estimate of the label itself,
+which the regressor then calibrates against the oracle. That one is not a forward-pass
+feature: it costs a backward pass and a pass back through it over every sequence. Two regressors compete on a
 held-out split of the labeled rows, judged by Spearman correlation (selection only uses
 the ranking): closed-form ridge and a small MLP. The winner is refit on every labeled
 row and scores every sequence, including those the oracle never saw.
@@ -51,17 +54,22 @@ def _last_layer(tree):
 
 
 def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=0.999,
-                     eps=1e-8, batch_size: int = 128) -> dict:
-    """The gradient of the target loss Phi (mean loss over `target_seqs`) with respect to
-    the last layer's parameters (the tied embedding, the final norm's scale, the last
-    MLP's down projection), preconditioned as the oracle's inner Adam preconditions it:
-    g / (sqrt(nu_hat) + eps) with the base run's bias-corrected second moment. A dict
-    of float32 arrays keyed like `_last_layer`. Computed once per run.
+                     eps=1e-8, batch_size: int = 128, parts: str = "last_layer") -> dict:
+    """The gradient of the target loss Phi (mean loss over `target_seqs`), preconditioned
+    as the oracle's inner Adam preconditions it: g / (sqrt(nu_hat) + eps) with the base
+    run's bias-corrected second moment. `parts="last_layer"`: with respect to the last
+    layer's parameters (the tied embedding, the final norm's scale, the last MLP's down
+    projection), a dict keyed like `_last_layer`; `parts="all"`: every parameter, a
+    tree like `params`. Float32 arrays, computed once per run.
 
     To first order in the inner lr, a row's label is the preconditioned inner product of
     its loss gradient with Phi's, summed over all parameters; `last_layer_alignment`
-    takes the last layer's share of it, which needs no backward pass through the model.
+    takes the last layer's share of it, which needs no backward pass through the model,
+    and `gradient_alignment` the whole of it.
     """
+    if parts not in ("last_layer", "all"):
+        raise ValueError(f"parts must be 'last_layer' or 'all', got {parts!r}")
+    select = _last_layer if parts == "last_layer" else (lambda tree: tree)
     import jax
     import jax.numpy as jnp
     from mgd.pipeline import model as model_lib
@@ -69,20 +77,19 @@ def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=
     target_seqs = np.asarray(target_seqs)
     if target_seqs.ndim != 2 or target_seqs.shape[0] == 0:
         raise ValueError(f"target_seqs must be [M, L+1] with M >= 1, got {target_seqs.shape}")
-    grad_sum = jax.jit(lambda p, x: _last_layer(jax.grad(
+    grad_sum = jax.jit(lambda p, x: select(jax.grad(
         lambda q: jnp.sum(model_lib.per_example_loss(q, x, model_cfg)))(p)))
     total = None
     for start in range(0, target_seqs.shape[0], batch_size):
         g = grad_sum(params, jnp.asarray(target_seqs[start:start + batch_size]))
         total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
-    nu = _last_layer(adam_nu)
     correction = 1.0 - b2 ** int(adam_count)
 
     def precondition(g, v):
         g = g.astype(jnp.float32) / target_seqs.shape[0]
         return np.asarray(g / (jnp.sqrt(jnp.asarray(v, jnp.float32) / correction) + eps),
                           np.float32)
-    return {k: precondition(total[k], nu[k]) for k in total}
+    return jax.tree_util.tree_map(precondition, total, select(adam_nu))
 
 
 def last_layer_alignment(params, hidden, resid, up, targets, direction, model_cfg):
@@ -144,6 +151,41 @@ def features_with_loss_and_alignment(params_and_direction, seqs, model_cfg):
     loss = jnp.mean(model_lib.token_losses(params, hidden, seqs[:, 1:], model_cfg), axis=-1)
     align = last_layer_alignment(params, hidden, resid, up, seqs[:, 1:], direction, model_cfg)
     return jnp.concatenate([pooled, loss.astype(jnp.float32)[:, None], align], axis=1)
+
+
+def gradient_alignment(params, direction, seqs, model_cfg):
+    """[N]: for each row, <d loss_row / d theta, direction> over every parameter, with
+    `direction` from `target_direction(..., parts="all")`: the first-order estimate of
+    the row's label over the whole model.
+
+    Reverse over reverse, without a backward pass per row: with per-row weights c,
+    F(c) = <d/d theta sum_i c_i loss_i, direction> is linear in c, and dF/dc_i is the
+    row's inner product. One first backward and one pass back through it: the pass
+    that differentiates attention's backward, as the oracle's does.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from mgd.pipeline import model as model_lib
+
+    seqs = jnp.asarray(seqs)
+
+    def inner_product(c):
+        g = jax.grad(lambda p: jnp.sum(c * model_lib.per_example_loss(p, seqs, model_cfg)))(params)
+        return sum(jnp.sum(a.astype(jnp.float32) * d.astype(jnp.float32))
+                   for a, d in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(direction)))
+
+    return jax.grad(inner_product)(jnp.ones((seqs.shape[0],), jnp.float32))
+
+
+def features_with_gradient_alignment(params_and_directions, seqs, model_cfg):
+    """[N, d + 5]: `features_with_loss_and_alignment`'s columns, then
+    `gradient_alignment`. Takes (params, last-layer direction, whole-model direction)."""
+    import jax.numpy as jnp
+    params, last, whole = params_and_directions
+    first = features_with_loss_and_alignment((params, last), seqs, model_cfg)
+    return jnp.concatenate([first, gradient_alignment(params, whole, seqs, model_cfg)[:, None]],
+                           axis=1)
 
 
 def extract_features(params, seqs, model_cfg, *, batch_size: int = 256, progress: bool = True,

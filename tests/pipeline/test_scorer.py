@@ -237,3 +237,61 @@ def test_features_with_alignment_append_loss_and_alignment_columns():
     fwd = model.forward_with_last_layer(params, jnp.asarray(seqs[:, :-1]), cfg)
     align = scorer.last_layer_alignment(params, *fwd, jnp.asarray(seqs[:, 1:]), direction, cfg)
     np.testing.assert_allclose(feats[:, 17:], np.asarray(align), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
+    """Against autodiff one row at a time: each row's whole loss gradient dotted with a
+    fresh random direction over every parameter."""
+    import jax
+    import jax.numpy as jnp
+    from mgd.pipeline import model
+    cfg, params = _tiny_model(4, loss_chunk=7)
+    rng = np.random.default_rng(8)
+    seqs = jnp.asarray(rng.integers(0, 29, (5, 13)), jnp.int32)
+    direction = jax.tree_util.tree_map(
+        lambda a: rng.standard_normal(a.shape).astype(np.float32), params)
+    got = np.asarray(scorer.gradient_alignment(params, direction, seqs, cfg))
+    want = np.zeros(5)
+    for i in range(5):
+        g = jax.grad(lambda p: model.per_example_loss(p, seqs[i:i + 1], cfg)[0])(params)
+        want[i] = sum(jnp.vdot(a, d) for a, d in zip(jax.tree_util.tree_leaves(g),
+                                                     jax.tree_util.tree_leaves(direction)))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
+    assert np.ptp(want) > 0
+
+
+def test_target_direction_over_all_parameters_and_bad_parts():
+    import jax
+    import jax.numpy as jnp
+    from mgd.pipeline import model
+    cfg, params = _tiny_model(5)
+    rng = np.random.default_rng(9)
+    target = rng.integers(0, 29, (7, 13)).astype(np.int32)
+    nu = jax.tree_util.tree_map(
+        lambda a: rng.uniform(1e-6, 1e-3, a.shape).astype(np.float32), params)
+    got = scorer.target_direction(params, target, cfg, nu, 40, b2=0.99, batch_size=3, parts="all")
+    g = jax.grad(lambda p: jnp.mean(model.per_example_loss(p, jnp.asarray(target), cfg)))(params)
+    want = jax.tree_util.tree_map(lambda a, v: np.asarray(a) / (np.sqrt(v / (1 - 0.99 ** 40)) + 1e-8),
+                                  g, nu)
+    for w, x in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(x, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
+    with pytest.raises(ValueError, match="parts"):
+        scorer.target_direction(params, target, cfg, nu, 40, parts="first_layer")
+
+
+def test_features_with_gradient_alignment_append_the_whole_model_column():
+    import jax
+    import jax.numpy as jnp
+    cfg, params = _tiny_model(6)
+    rng = np.random.default_rng(10)
+    seqs = rng.integers(0, 29, (6, 13)).astype(np.int32)
+    last = _random_direction(rng)
+    whole = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
+                                   params)
+    feats = scorer.extract_features((params, last, whole), seqs, cfg, batch_size=4, progress=False,
+                                    features_fn=scorer.features_with_gradient_alignment)
+    first = np.asarray(scorer.features_with_loss_and_alignment((params, last), jnp.asarray(seqs), cfg))
+    assert feats.shape == (6, first.shape[1] + 1)
+    np.testing.assert_allclose(feats[:, :-1], first, rtol=1e-5, atol=1e-6)
+    column = np.asarray(scorer.gradient_alignment(params, whole, jnp.asarray(seqs), cfg))
+    np.testing.assert_allclose(feats[:, -1], column, rtol=1e-4, atol=1e-5 * np.abs(column).max())
