@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=_positive_int, help="seeds per method (default 3)")
     r.add_argument("--attention-impl", metavar="IMPL",
                    help="attention kernel: auto, xla, pallas, triton or cuda")
+    r.add_argument("--gradient-alignment", action=argparse.BooleanOptionalAction, default=None,
+                   help="add each sequence's whole-model gradient alignment with the target "
+                        "to the scorer's features (a backward pass and a pass back through "
+                        "it over the corpus; default: the preset's setting, off)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--quiet", action="store_true", help="no output except errors")
     return parser
@@ -68,7 +72,8 @@ def main(argv=None) -> int:
         try:
             run(args.preset, out=args.out, ontarget=args.ontarget, offtarget=args.offtarget,
                 target=args.target, budget=args.budget, seeds=args.seeds,
-                attention_impl=args.attention_impl, progress=not args.no_progress,
+                attention_impl=args.attention_impl, gradient_alignment=args.gradient_alignment,
+                progress=not args.no_progress,
                 quiet=args.quiet)
         except (FileNotFoundError, ValueError) as err:
             print(f"mgd run: error: {err}", file=sys.stderr)

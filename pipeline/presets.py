@@ -28,9 +28,15 @@ class Preset:
     # mean-pooled hidden state; see scorer.features_with_loss. alignment_feature: append
     # the last layer's Adam-preconditioned gradient alignment with the target loss
     # (scorer.last_layer_alignment; CPU comparison: bench/results/cpu_2026-11-29_alignment_feature).
+    # gradient_alignment: append the whole model's (scorer.gradient_alignment; not a
+    # forward-pass feature: a backward pass and a pass back through it per sequence).
+    # Off in every preset: on CPU it ranks like the labels far better but its selection
+    # trained no better (bench/results/cpu_2026-11-29_gradient_alignment); `mgd run
+    # --gradient-alignment` turns it on.
     scorer: dict = field(default_factory=lambda: {"regressors": ("ridge", "mlp"),
                                                   "mlp_hidden": 256, "holdout_fraction": 0.2,
-                                                  "loss_feature": True, "alignment_feature": True})
+                                                  "loss_feature": True, "alignment_feature": True,
+                                                  "gradient_alignment": False})
     dsir: dict = field(default_factory=lambda: {"ngrams": 2, "num_buckets": 10_000})
     budget: float = 0.10          # fraction of the corpus (<= 1) or training tokens (> 1)
     seeds: int = 3
@@ -62,7 +68,8 @@ def smoke() -> Preset:
         population_train=dict(batch_size=16, lr=1e-3, warmup=2, epochs=1.0, n_evals=1),
         continued=dict(batch_size=16, lr=1e-3, warmup=2, epochs=2.0, n_evals=4),
         scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 32, "holdout_fraction": 0.2,
-                "loss_feature": True, "alignment_feature": True},
+                "loss_feature": True, "alignment_feature": True,
+                "gradient_alignment": False},
         dsir={"ngrams": 2, "num_buckets": 2048},
         expected_time="3-5 minutes on 2 CPU cores (plus JAX compilation on a cold cache)",
     )
@@ -126,7 +133,8 @@ def full() -> Preset:
         population_train=dict(batch_size=128, lr=3e-4, warmup=50, epochs=1.0, n_evals=1),
         continued=dict(batch_size=128, lr=3e-4, warmup=100, epochs=1.0, n_evals=10),
         scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 512, "holdout_fraction": 0.1,
-                "loss_feature": True, "alignment_feature": True},
+                "loss_feature": True, "alignment_feature": True,
+                "gradient_alignment": False},
         dsir={"ngrams": 2, "num_buckets": 10_000},
         feature_batch=256, loss_batch=256,
         expected_time="about 10-14 hours on one H200 (estimate)",

@@ -62,7 +62,7 @@ def resolve_sources(ontarget=None, offtarget=None, env=None):
 
 
 def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=None, seeds=None,
-               attention_impl=None) -> dict:
+               attention_impl=None, gradient_alignment=None) -> dict:
     """Everything that determines the run's results, as plain JSON."""
     p = presets_mod.get(preset) if isinstance(preset, str) else preset
     on, off = resolve_sources(ontarget, offtarget)
@@ -76,8 +76,28 @@ def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=Non
     plan["target"] = str(Path(target).resolve()) if target else None
     plan["budget"] = float(budget) if budget is not None else p.budget
     plan["seeds"] = int(seeds) if seeds is not None else p.seeds
+    if gradient_alignment is not None:
+        plan["scorer"] = {**plan["scorer"], "gradient_alignment": bool(gradient_alignment)}
     # Exactly what plan.json will hold (tuples become lists), so a re-run compares equal.
     return json.loads(json.dumps(plan))
+
+
+# The stages that depend on the scorer's features; the rest of a run does not.
+SCORER_STAGES = ("features", "scorer", f"select-{OURS}", f"continued-{OURS}-*", "report*",
+                 "results.csv", "*.png", "plan.json", "_ckpt")
+
+
+def copy_for_scorer_variant(src, dst):
+    """Copy a run folder without its scorer-dependent stages (`SCORER_STAGES`), so that
+    a run with other scorer settings (e.g. `gradient_alignment`) in `dst` reuses its
+    corpus, base model, labels and baselines and redoes only the scorer's stages."""
+    import shutil
+    src, dst = Path(src), Path(dst)
+    if not (src / "plan.json").exists():
+        raise FileNotFoundError(f"{src} is not a run folder (no plan.json)")
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; give a new folder for the variant")
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*SCORER_STAGES))
 
 
 def _check_plan(run_dir: Path, plan: dict):
@@ -163,10 +183,13 @@ class _Log:
 
 
 def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None, budget=None,
-        seeds=None, attention_impl=None, progress=True, quiet=False, methods=METHODS):
-    """Run (or resume) the experiment; returns the per-method summary DataFrame."""
+        seeds=None, attention_impl=None, gradient_alignment=None, progress=True, quiet=False,
+        methods=METHODS):
+    """Run (or resume) the experiment; returns the per-method summary DataFrame.
+    `gradient_alignment` (True/False) overrides the preset's scorer.gradient_alignment."""
     plan = build_plan(preset, ontarget=ontarget, offtarget=offtarget, target=target,
-                      budget=budget, seeds=seeds, attention_impl=attention_impl)
+                      budget=budget, seeds=seeds, attention_impl=attention_impl,
+                      gradient_alignment=gradient_alignment)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")

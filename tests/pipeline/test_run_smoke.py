@@ -24,6 +24,16 @@ def test_cli_parses_every_option():
             a.attention_impl) == ("demo", "on.jsonl", "off.jsonl.gz", "t.jsonl", "o", 0.05, 4, "xla")
 
 
+def test_cli_gradient_alignment_switch_reaches_the_plan():
+    parse = lambda *a: build_parser().parse_args(["run", *a]).gradient_alignment  # noqa: E731
+    assert (parse(), parse("--gradient-alignment"), parse("--no-gradient-alignment")) == (
+        None, True, False)
+    on = build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", gradient_alignment=True)
+    assert on["scorer"]["gradient_alignment"] is True
+    assert build_plan("smoke", ontarget="hf:a:b:c",
+                      offtarget="hf:d:e:f")["scorer"]["gradient_alignment"] is False
+
+
 @pytest.mark.parametrize("bad", [["--budget", "0"], ["--budget", "x"], ["--seeds", "0"],
                                  ["--preset", "huge"]])
 def test_cli_rejects_bad_options(bad, capsys):
@@ -154,3 +164,29 @@ def test_target_file_becomes_the_target_rows(smoke_run, tmp_path):
     assert "aspirin" in corpus.decode(rows[:1])[0]
     again = _custom_target_stage(tmp_path / "run", corpus, str(docs), 64, lambda m: None)
     assert (again == rows).all()
+
+
+@needs_data
+def test_gradient_alignment_variant_reuses_the_labels_and_adds_one_column(smoke_run, tmp_path):
+    """The variant a user runs after a finished run: its corpus, base model, labels and
+    baselines copied, the scorer's stages redone with the whole-model column."""
+    from mgd.pipeline import artifacts
+    from mgd.pipeline.run import copy_for_scorer_variant, run
+    out, _ = smoke_run
+    variant = tmp_path / "variant"
+    copy_for_scorer_variant(out, variant)
+    assert not (variant / "features").exists() and (variant / "select-random").exists()
+    with pytest.raises(FileExistsError, match="variant"):
+        copy_for_scorer_variant(out, variant)
+    run("smoke", out=variant, ontarget=DATA / "ontarget.jsonl.gz",
+        offtarget=DATA / "offtarget.jsonl.gz", gradient_alignment=True, quiet=True,
+        methods=("metagrad_distilled", "random"))
+    before = artifacts.load_arrays(out / "features" / "features.npz")["features"]
+    after = artifacts.load_arrays(variant / "features" / "features.npz")["features"]
+    assert after.shape == (before.shape[0], before.shape[1] + 1)
+    # The forward-pass columns are unchanged; the new one varies over the corpus.
+    assert abs(after[:, :-1] - before).max() <= 1e-4 * abs(before).max()
+    assert after[:, -1].std() > 0
+    summary = json.loads((variant / "scorer" / "summary.json").read_text())
+    assert "whole-model gradient alignment" in summary["features"]
+    assert (variant / "oracle" / "DONE").exists() and (variant / "results.csv").exists()
