@@ -214,7 +214,9 @@ def test_multi_tile_lengths_match_float64(triton_warm, causal):
 
 
 def _tuned_groups():
-    """The committed table's entries grouped by (head_dim, causal, tuned length)."""
+    """The committed table's entries grouped by (head_dim, causal, tuned length), except
+    each (head_dim, causal)'s shortest length: the table picks those at the lengths of
+    the other GPU tests (nearest in log length), so they are tested already."""
     from mgd.reference.triton import configs
 
     path = configs.TABLE_PATH
@@ -225,7 +227,11 @@ def _tuned_groups():
     groups = {}
     for e in entries:
         groups.setdefault((int(e["head_dim"]), bool(e["causal"]), int(e["t"])), []).append(e)
-    return sorted(groups.items())
+    shortest = {}
+    for d, causal, t in groups:
+        shortest[d, causal] = min(t, shortest.get((d, causal), t))
+    return sorted((key, group) for key, group in groups.items()
+                  if key[2] != shortest[key[0], key[1]])
 
 
 @pytest.mark.gpu
