@@ -7,10 +7,11 @@ the alignment of its last-layer gradients with the target's, Adam-preconditioned
 last layer's share of the label to first order in the inner lr). Optionally too, the
 whole model's (`gradient_alignment`): the first-order estimate of the label itself,
 which the regressor then calibrates against the oracle. That one is not a forward-pass
-feature: it costs a backward pass and a pass back through it over every sequence. Two regressors compete on a
-held-out split of the labeled rows, judged by Spearman correlation (selection only uses
-the ranking): closed-form ridge and a small MLP. The winner is refit on every labeled
-row and scores every sequence, including those the oracle never saw.
+feature: it costs a backward pass and a pass back through it over every sequence.
+Two regressors compete on a held-out split of the labeled rows, judged by Spearman
+correlation (selection only uses the ranking): closed-form ridge and a small MLP. The
+winner is refit on every labeled row and scores every sequence, including those the
+oracle never saw.
 """
 from __future__ import annotations
 
@@ -169,11 +170,18 @@ def gradient_alignment(params, direction, seqs, model_cfg):
     from mgd.pipeline import model as model_lib
 
     seqs = jnp.asarray(seqs)
+    if jax.tree_util.tree_structure(direction) != jax.tree_util.tree_structure(params):
+        raise ValueError("direction must be a tree like params (target_direction with "
+                         "parts='all'), got another structure")
+    leaves = jax.tree_util.tree_leaves
+
+    def weighted_loss(p, c):
+        return jnp.sum(c * model_lib.per_example_loss(p, seqs, model_cfg))
 
     def inner_product(c):
-        g = jax.grad(lambda p: jnp.sum(c * model_lib.per_example_loss(p, seqs, model_cfg)))(params)
+        g = jax.grad(weighted_loss)(params, c)
         return sum(jnp.sum(a.astype(jnp.float32) * d.astype(jnp.float32))
-                   for a, d in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(direction)))
+                   for a, d in zip(leaves(g), leaves(direction)))
 
     return jax.grad(inner_product)(jnp.ones((seqs.shape[0],), jnp.float32))
 

@@ -1,13 +1,17 @@
 """The closed-form float64 reference against JAX's own autodiff of the naive
-forward, in float64: two independent derivations of the same math."""
+forward, in float64: two independent derivations of the same math. Also the
+float64 row spot check that the GPU tests apply at T=32768, checked here on the
+naive backend at a length the CPU holds."""
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mgd.reference import float64 as f64
 from mgd.reference import xla
-from tests.support import attention_shapes
+from tests.support import attention_shapes, check_long_causal
 
 
 def _inputs(seed, shape, tk=None):
@@ -88,11 +92,6 @@ def test_long_sequence_check_passes_a_correct_backend_and_catches_a_wrong_one():
     """The long-sequence spot check of the GPU tests (tests/support.py), run here on
     the naive XLA backend at a length the CPU can hold: it passes, and it fails, naming
     the output, when one row of Q' is off by a tenth."""
-    import jax
-    import pytest
-
-    from tests.support import check_long_causal
-
     kw = dict(causal=True, scale=128 ** -0.5)
     forward = jax.jit(lambda *a: xla.forward(*a, **kw))
     backward = jax.jit(lambda *a: xla.backward(*a, **kw))

@@ -258,6 +258,8 @@ def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
                                                      jax.tree_util.tree_leaves(direction)))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
     assert np.ptp(want) > 0
+    with pytest.raises(ValueError, match="direction"):
+        scorer.gradient_alignment(params, {"embed": direction["embed"]}, seqs, cfg)
 
 
 def test_target_direction_over_all_parameters_and_bad_parts():
