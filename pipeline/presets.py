@@ -77,11 +77,12 @@ def smoke() -> Preset:
 
 def demo() -> Preset:
     """The demonstration on one H200, at most 8 minutes end to end (measured there:
-    339 s with the alignment features, bench/results/h200_2026-11-29c).
+    339 s with the alignment features, bench/results/h200_2026-11-29c; since then
+    perplexity correlations trains one population per seed, about 60 s more).
 
     28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
     256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models
-    for perplexity correlations, 3 seeds x 7 methods of continued pretraining.
+    per seed for perplexity correlations, 3 seeds x 7 methods of continued pretraining.
     """
     return Preset(
         name="demo",
@@ -101,8 +102,9 @@ def demo() -> Preset:
         population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
         continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
         feature_batch=512, loss_batch=512,
-        expected_time="about 5.7 minutes on one H200 (339 s, measured 2026-11-29), half of it "
-                      "the oracle, then continued pretraining and DSIR's single-process "
+        expected_time="about 6.7 minutes on one H200 (339 s measured 2026-11-29, plus about "
+                      "60 s for perplexity correlations' populations per seed), the largest "
+                      "part the oracle, then continued pretraining and DSIR's single-process "
                       "n-gram pass",
     )
 
@@ -111,10 +113,11 @@ def full() -> Preset:
     """The seed experiment at a real scale (GPT-2-small-like model, 512-token sequences,
     700k sequences streamed from PubMed and C4 on the hub).
 
-    Expected time, estimated rather than measured: about 10-14 hours on one H200. Base
+    Expected time, estimated rather than measured: about 14-18 hours on one H200. Base
     pretraining (20k steps of 256 x 512 tokens, ~2.6B tokens, single device) is ~3-4 h;
     the oracle (4096 rounds, data-parallel over local GPUs) ~2-3 h on one GPU; the
-    population (32 models) ~2 h; continued pretraining (21 runs) ~2 h; DSIR's single-
+    populations (32 models, one population per seed) ~6 h; continued pretraining
+    (21 runs) ~2 h; DSIR's single-
     process n-gram pass over 700k sequences ~15 min; streaming up to 1M documents per
     source from the hub, ~30-60 min depending on the network.
     """
@@ -137,7 +140,7 @@ def full() -> Preset:
                 "gradient_alignment": False},
         dsir={"ngrams": 2, "num_buckets": 10_000},
         feature_batch=256, loss_batch=256,
-        expected_time="about 10-14 hours on one H200 (estimate)",
+        expected_time="about 14-18 hours on one H200 (estimate)",
     )
 
 

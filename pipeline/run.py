@@ -33,7 +33,11 @@ from mgd.pipeline.selection import budget_to_count, composition, top_k
 OURS = "metagrad_distilled"
 METHODS = (OURS, "oracle_labels", "random", "low_perplexity", "ppl_correlations", "dsir",
            "oracle_ontarget")
-PER_SEED_METHODS = ("random", "oracle_ontarget")   # their selection is a fresh draw per seed
+# Their selection is a fresh draw per seed. Perplexity correlations' population is
+# random (mixtures, training order, domains) and its selection moved more with the
+# population's seed than with the training seed (bench/results/cpu_2026-11-29_ppl_corr_seeds),
+# so each seed gets its own population.
+PER_SEED_METHODS = ("random", "oracle_ontarget", "ppl_correlations")
 
 
 # ---------------------------------------------------------------------------------------
@@ -442,21 +446,31 @@ def _select(method, ctx):
         return idx, {"log_importance_weights": w}, {"target_documents": len(target_texts)}
     if method == "ppl_correlations":
         from mgd.pipeline.baselines import ppl_correlations as pc
-        x, y = _population_stage(ctx)
-        est = pc.estimate(x, y, plan["population"].get("estimator", "spearmanr"))
-        return pc.select(est, k), {"estimate": est}, {"target_error": y.tolist()}
+        idx, ests, errors = [], [], []
+        for seed in seeds:
+            x, y = _population_stage(ctx, seed)
+            est = pc.estimate(x, y, plan["population"].get("estimator", "spearmanr"))
+            idx.append(pc.select(est, k))
+            ests.append(est)
+            errors.append(y.tolist())
+        return np.stack(idx), {"estimate": np.stack(ests)}, {"target_error": errors}
     raise ValueError(f"unknown method {method!r}")
 
 
-def _population_stage(ctx):
+def _population_stage(ctx, seed: int = 0):
+    """(per-sequence bits per byte [n_models, N], target error [n_models]) of the
+    population drawn with the plan's population seed + `seed` (stage `population` for
+    seed 0, `population-s<seed>` for the others)."""
     from mgd.pipeline import continued as cont
     from mgd.pipeline.baselines import common
     from mgd.pipeline.baselines import ppl_correlations as pc
     from mgd.pipeline.train import train
     run_dir, plan, corpus, model_cfg = ctx["run_dir"], ctx["plan"], ctx["corpus"], ctx["model_cfg"]
-    st = artifacts.stage(run_dir, "population")
+    st = artifacts.stage(run_dir, "population" if seed == 0 else f"population-s{seed}")
     if not st.done:
-        pcfg = pc.PopulationConfig(**plan["population"])
+        ctx["log"](f"ppl_correlations: training population {seed + 1} of {plan['seeds']}")
+        pcfg = pc.PopulationConfig(**{**plan["population"],
+                                      "seed": plan["population"].get("seed", 0) + seed})
         tcfg = cont.ContinuedConfig(**plan["population_train"])
         steps = cont.steps_for_budget(pcfg.rows_per_model, tcfg.batch_size, tcfg.epochs)
         domains = pc.unsupervised_domains(ctx["feats"], pcfg.n_domains, pcfg.seed)

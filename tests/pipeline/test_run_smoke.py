@@ -110,6 +110,12 @@ def test_smoke_preset_runs_every_stage_and_baseline(smoke_run):
     assert "eval_loss_mean" in stdout   # the summary table is printed at the end
     scorer = json.loads((out / "scorer" / "summary.json").read_text())
     assert set(scorer["heldout_spearman"]) == {"ridge", "mlp"}
+    # Perplexity correlations draws its own population per seed, hence its own selection.
+    from mgd.pipeline import artifacts
+    for stage in ["population-s1", "population-s2"]:
+        assert (out / stage / "DONE").exists(), stage
+    draws = artifacts.load_arrays(out / "select-ppl_correlations" / "selection.npz")["indices"]
+    assert draws.shape[0] == 3 and len({tuple(sorted(d)) for d in draws.tolist()}) > 1
 
 
 @needs_data
