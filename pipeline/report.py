@@ -90,7 +90,9 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
                  oracle_summary: dict | None = None) -> pd.DataFrame:
     """Write results.csv, report.md and the plots into `out_dir` (default run_dir).
 
-    logs: {(method, seed): training log}; selections: {method: indices of seed 0};
+    logs: {(method, seed): training log}; selections: {method: the rows of all its
+    draws, pooled (the composition plot then shows the mean over seeds for methods that
+    draw per seed)};
     heldout: {"labels", "pred"} of the scorer's held-out rows.
     Returns the per-method summary.
     """

@@ -33,11 +33,6 @@ from mgd.pipeline.selection import budget_to_count, composition, top_k
 OURS = "metagrad_distilled"
 METHODS = (OURS, "oracle_labels", "random", "low_perplexity", "ppl_correlations", "dsir",
            "oracle_ontarget")
-# Their selection is a fresh draw per seed. Perplexity correlations' population is
-# random (mixtures, training order, domains) and its selection moved more with the
-# population's seed than with the training seed (bench/results/cpu_2026-11-29_ppl_corr_seeds),
-# so each seed gets its own population.
-PER_SEED_METHODS = ("random", "oracle_ontarget", "ppl_correlations")
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,14 +278,13 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
                 raise ValueError("scorer.alignment_feature needs scorer.loss_feature")
             oc = OracleConfig(**plan["oracle"])
             _, nu, count = base_adam
-            direction = scorer_mod.target_direction(base, corpus.target_tokens, model_cfg, nu,
-                                                    count, b2=oc.b2, eps=oc.eps)
-            fn, fparams = scorer_mod.features_with_loss_and_alignment, (base, direction)
-            if plan["scorer"].get("gradient_alignment"):
-                whole = scorer_mod.target_direction(base, corpus.target_tokens, model_cfg, nu,
-                                                    count, b2=oc.b2, eps=oc.eps, parts="all")
-                fn = scorer_mod.features_with_gradient_alignment
-                fparams = (base, direction, whole)
+            whole_model = bool(plan["scorer"].get("gradient_alignment"))
+            direction = scorer_mod.target_direction(
+                base, corpus.target_tokens, model_cfg, nu, count, b2=oc.b2, eps=oc.eps,
+                parts="all" if whole_model else "last_layer")
+            fn = (scorer_mod.features_with_gradient_alignment if whole_model
+                  else scorer_mod.features_with_loss_and_alignment)
+            fparams = (base, direction)
         elif plan["scorer"].get("gradient_alignment"):
             raise ValueError("scorer.gradient_alignment needs scorer.alignment_feature")
         feats = scorer_mod.extract_features(fparams, corpus.tokens, model_cfg, features_fn=fn,
@@ -365,7 +359,8 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     if not st.done:
         with st as tmp:
             report_mod.write_report(
-                run_dir, results, logs, {m: selections[m][0] for m in methods}, corpus.cluster,
+                run_dir, results, logs, {m: selections[m].reshape(-1) for m in methods},
+                corpus.cluster,
                 scorer_summary=scorer_summary,
                 heldout={"labels": scored["heldout_labels"], "pred": scored["heldout_pred"]},
                 base_eval_loss=base_eval, top_share=top_share, out_dir=tmp,
@@ -445,6 +440,10 @@ def _select(method, ctx):
                              work_dir=None, progress=ctx["progress"], **plan["dsir"])
         return idx, {"log_importance_weights": w}, {"target_documents": len(target_texts)}
     if method == "ppl_correlations":
+        # One population per seed, like random's and oracle_ontarget's draws: the
+        # population is random (mixtures, training order, domains) and its selection
+        # moved more with the population's seed than with the training seed
+        # (bench/results/cpu_2026-11-29_ppl_corr_seeds).
         from mgd.pipeline.baselines import ppl_correlations as pc
         idx, ests, errors = [], [], []
         for seed in seeds:

@@ -186,12 +186,13 @@ def gradient_alignment(params, direction, seqs, model_cfg):
     return jax.grad(inner_product)(jnp.ones((seqs.shape[0],), jnp.float32))
 
 
-def features_with_gradient_alignment(params_and_directions, seqs, model_cfg):
+def features_with_gradient_alignment(params_and_direction, seqs, model_cfg):
     """[N, d + 5]: `features_with_loss_and_alignment`'s columns, then
-    `gradient_alignment`. Takes (params, last-layer direction, whole-model direction)."""
+    `gradient_alignment`. Takes (params, whole-model direction from
+    `target_direction(..., parts="all")`); the last layer's direction is part of it."""
     import jax.numpy as jnp
-    params, last, whole = params_and_directions
-    first = features_with_loss_and_alignment((params, last), seqs, model_cfg)
+    params, whole = params_and_direction
+    first = features_with_loss_and_alignment((params, _last_layer(whole)), seqs, model_cfg)
     return jnp.concatenate([first, gradient_alignment(params, whole, seqs, model_cfg)[:, None]],
                            axis=1)
 

@@ -204,6 +204,8 @@ def test_last_layer_alignment_is_the_last_layer_gradient_inner_product(loss_chun
 
 
 def test_target_direction_is_the_preconditioned_target_gradient():
+    """Both parts against autodiff of the target loss, preconditioned by hand: every
+    parameter (`parts="all"`) and the last layer's three (the default)."""
     import jax
     import jax.numpy as jnp
     from mgd.pipeline import model
@@ -212,14 +214,24 @@ def test_target_direction_is_the_preconditioned_target_gradient():
     target = rng.integers(0, 29, (9, 13)).astype(np.int32)
     nu = jax.tree_util.tree_map(
         lambda a: rng.uniform(1e-6, 1e-3, a.shape).astype(np.float32), params)
-    got = scorer.target_direction(params, target, cfg, nu, 40, b2=0.99, eps=1e-8, batch_size=4)
     g = jax.grad(lambda p: jnp.mean(model.per_example_loss(p, jnp.asarray(target), cfg)))(params)
-    for name, grad, v in [("embed", g["embed"], nu["embed"]), ("norm_f", g["norm_f"], nu["norm_f"]),
-                          ("w_down", g["blocks"]["w_down"][-1], nu["blocks"]["w_down"][-1])]:
-        want = np.asarray(grad) / (np.sqrt(v / (1 - 0.99 ** 40)) + 1e-8)
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+    want = jax.tree_util.tree_map(
+        lambda a, v: np.asarray(a) / (np.sqrt(v / (1 - 0.99 ** 40)) + 1e-8), g, nu)
+
+    def close(x, w):
+        np.testing.assert_allclose(x, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
+
+    every = scorer.target_direction(params, target, cfg, nu, 40, b2=0.99, batch_size=3, parts="all")
+    for w, x in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(every)):
+        close(x, w)
+    last = scorer.target_direction(params, target, cfg, nu, 40, b2=0.99, eps=1e-8, batch_size=4)
+    close(last["embed"], want["embed"])
+    close(last["norm_f"], want["norm_f"])
+    close(last["w_down"], want["blocks"]["w_down"][-1])
     with pytest.raises(ValueError, match="target_seqs"):
         scorer.target_direction(params, target[:0], cfg, nu, 40)
+    with pytest.raises(ValueError, match="parts"):
+        scorer.target_direction(params, target, cfg, nu, 40, parts="first_layer")
 
 
 def test_features_with_alignment_append_loss_and_alignment_columns():
@@ -262,35 +274,18 @@ def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
         scorer.gradient_alignment(params, {"embed": direction["embed"]}, seqs, cfg)
 
 
-def test_target_direction_over_all_parameters_and_bad_parts():
-    import jax
-    import jax.numpy as jnp
-    from mgd.pipeline import model
-    cfg, params = _tiny_model(5)
-    rng = np.random.default_rng(9)
-    target = rng.integers(0, 29, (7, 13)).astype(np.int32)
-    nu = jax.tree_util.tree_map(
-        lambda a: rng.uniform(1e-6, 1e-3, a.shape).astype(np.float32), params)
-    got = scorer.target_direction(params, target, cfg, nu, 40, b2=0.99, batch_size=3, parts="all")
-    g = jax.grad(lambda p: jnp.mean(model.per_example_loss(p, jnp.asarray(target), cfg)))(params)
-    want = jax.tree_util.tree_map(lambda a, v: np.asarray(a) / (np.sqrt(v / (1 - 0.99 ** 40)) + 1e-8),
-                                  g, nu)
-    for w, x in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
-        np.testing.assert_allclose(x, w, rtol=1e-4, atol=1e-6 * np.abs(w).max())
-    with pytest.raises(ValueError, match="parts"):
-        scorer.target_direction(params, target, cfg, nu, 40, parts="first_layer")
-
-
 def test_features_with_gradient_alignment_append_the_whole_model_column():
     import jax
     import jax.numpy as jnp
     cfg, params = _tiny_model(6)
     rng = np.random.default_rng(10)
     seqs = rng.integers(0, 29, (6, 13)).astype(np.int32)
-    last = _random_direction(rng)
     whole = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32),
                                    params)
-    feats = scorer.extract_features((params, last, whole), seqs, cfg, batch_size=4, progress=False,
+    # The last layer's columns take their part of the one whole-model direction.
+    last = {"embed": whole["embed"], "norm_f": whole["norm_f"],
+            "w_down": whole["blocks"]["w_down"][-1]}
+    feats = scorer.extract_features((params, whole), seqs, cfg, batch_size=4, progress=False,
                                     features_fn=scorer.features_with_gradient_alignment)
     first = np.asarray(scorer.features_with_loss_and_alignment((params, last), jnp.asarray(seqs), cfg))
     assert feats.shape == (6, first.shape[1] + 1)
