@@ -8,11 +8,14 @@
 # PARTs:
 #   tune      reference tile tables on this GPU (scripts/tune_references.sh); the tuned
 #             tables are used by every later part of the same call
-#   tests     GPU tests (tests/ -m gpu; hypothesis profile $HYPOTHESIS_PROFILE, "device")
+#   tests     GPU tests (tests/ -m gpu; hypothesis profile $HYPOTHESIS_PROFILE, "device";
+#             $MGD_TEST_K: a pytest -k expression to run some of them)
 #   variants  CUDA kernel variants timed side by side, ncu summary (scripts/cuda_variants.sh)
 #   bench     kernel benchmarks, side by side: double backward, forward/backward,
 #             naive XLA, full HVP, then compare mode against the baseline saved first
-#             ($MGD_BENCH_SLICES: only the slices named, e.g. xladbwd,xladbwd64)
+#             ($MGD_BENCH_SLICES: only the slices named, e.g. xladbwd,xladbwd64;
+#             $MGD_XLA_T: naive XLA's lengths; its compilation cache comes back as
+#             xla_cache.tgz, and .xla-cache/ carried in seeds it)
 #   e2e       one metagradient round per attention implementation (bench/test_end_to_end.py)
 #   nvtx      the benchmarks' NVTX ranges seen through Nsight Compute's NVTX filter
 #   oracle    the GPT-2-small metagradient round: memory and time (pipeline/bench_oracle.py);
@@ -91,11 +94,12 @@ part_tune() {
 part_tests() {
   # Each outcome (and a failure's traceback) lands in gpu_tests_progress.log as the
   # test ends: a cap that stops pytest before its summary loses nothing. The whole
-  # GPU suite took more than 300 s on the H200 (2026-11-29), so it wants a call
-  # of its own.
+  # GPU suite took 354 s on the H200 (2026-11-29), so it wants a call of its own;
+  # $MGD_TEST_K (a pytest -k expression) reruns some of it.
   MGD_TEST_LOG="$OUT/gpu_tests_progress.log" HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-device} \
     capped 480 40 "GPU tests" python3 -m pytest tests/test_cuda.py tests/test_pallas.py tests/test_triton.py tests/test_xla.py \
-    tests/test_api.py -m gpu -q -rfEs -p no:cacheprovider --durations=15 > "$OUT/gpu_tests.log" 2>&1
+    tests/test_api.py -m gpu ${MGD_TEST_K:+-k "$MGD_TEST_K"} -q -rfEs -p no:cacheprovider --durations=15 \
+    > "$OUT/gpu_tests.log" 2>&1
   stamp "GPU tests: $(tail -n 1 "$OUT/gpu_tests.log")"
 }
 
@@ -113,9 +117,11 @@ bench_slice() {  # name seconds impls lengths heads dim -k-expression [extra pyt
   # (T=8192 double backward: over a minute, for ~0.1 s calls; 2026-11-29), most
   # likely compiling (GEMM autotuning; bench_progress.log now records compile_s).
   # Its executables go to a persistent cache that outlives the call on a warm
-  # machine, so a rerun of the part spends its time measuring.
+  # machine and comes back as xla_cache.tgz (unpacked into .xla-cache/, which the
+  # next call carries), so a rerun of the part spends its time measuring. Measured
+  # 2026-11-29: 18 to 27 s of compiling per double backward shape.
   local cache=()
-  [ "$impls" = xla ] && cache=(JAX_COMPILATION_CACHE_DIR="${MGD_XLA_CACHE:-/tmp/mgd-xla-cache}")
+  [ "$impls" = xla ] && cache=(JAX_COMPILATION_CACHE_DIR="$xla_cache")
   capped "$seconds" 15 "bench $name" \
     env ${cache[@]+"${cache[@]}"} MGD_BENCH_PROGRESS="$OUT/bench_progress.log" MGD_BENCH_IMPLS=$impls MGD_BENCH_T=$lengths MGD_BENCH_H=$heads MGD_BENCH_D=$dim python3 -m pytest bench -m "gpu and not e2e" -k "$expr" \
     -p no:cacheprovider -q -rs --benchmark-columns=median,iqr,rounds \
@@ -130,6 +136,9 @@ part_bench() {
   export MGD_BENCH_MAX_S=${MGD_BENCH_MAX_S:-0.25} MGD_BENCH_SETS=${MGD_BENCH_SETS:-2}
   mkdir -p "$OUT/json"
   local lengths=1024,4096,8192,16384,32768
+  xla_cache=${MGD_XLA_CACHE:-/tmp/mgd-xla-cache}
+  mkdir -p "$xla_cache"
+  [ -d .xla-cache ] && cp -rn .xla-cache/. "$xla_cache/" && stamp "XLA cache: $(ls "$xla_cache" | wc -l) entries carried in"
   # The double backward first (the point of the project), then the references'
   # forward and backward, then naive autodiff (double backward first, up to its
   # out-of-memory point), then the full HVP through mgd.attention. The caps add up
@@ -140,10 +149,12 @@ part_bench() {
   bench_slice dbwd64 45 pallas,triton,cuda $lengths 12 64 "double_backward"
   bench_slice fb128 45 pallas,triton $lengths 16 128 "not hvp and not double_backward"
   bench_slice fb64 40 pallas,triton $lengths 12 64 "not hvp and not double_backward"
-  bench_slice xladbwd 100 xla 1024,4096,8192,16384 16 128 "double_backward"
-  bench_slice xladbwd64 55 xla 1024,4096,8192 12 64 "double_backward"
-  bench_slice xlafb 60 xla 1024,4096,8192,16384 16 128 "not hvp and not double_backward"
-  bench_slice xlafb64 40 xla 1024,4096,8192 12 64 "not hvp and not double_backward"
+  # Naive XLA at every length: where it runs out of memory, that is its result.
+  local xla_t=${MGD_XLA_T:-$lengths}
+  bench_slice xladbwd 100 xla $xla_t 16 128 "double_backward"
+  bench_slice xladbwd64 55 xla $xla_t 12 64 "double_backward"
+  bench_slice xlafb 60 xla $xla_t 16 128 "not hvp and not double_backward"
+  bench_slice xlafb64 40 xla $xla_t 12 64 "not hvp and not double_backward"
   bench_slice hvp 35 pallas,triton,cuda 8192 16 128 "hvp"
   # Compare mode against the baseline saved above: the regression gate users run.
   # (Only when this call saved one: a rerun of other slices has none to compare with.)
@@ -155,6 +166,8 @@ part_bench() {
       --benchmark-compare-fail=median:25%
   fi
   rm -rf "$OUT/storage"
+  [ -n "$(ls "$xla_cache")" ] && tar -C "$xla_cache" -czf "$OUT/xla_cache.tgz" . \
+    && stamp "XLA cache: $(ls "$xla_cache" | wc -l) entries, $(du -sh "$OUT/xla_cache.tgz" | cut -f1) returned"
 }
 
 part_e2e() {
@@ -234,7 +247,11 @@ for part in $parts; do
 done
 
 stamp "done"
-# Few files come back from the device: all but the summary travel as one archive.
+# Few files come back from the device: all but the summary (and XLA's cache, up to
+# 16 MiB a file) travel as one archive.
 cp "$OUT/summary.log" /tmp/mgd_summary.log
+[ -f "$OUT/xla_cache.tgz" ] && mv "$OUT/xla_cache.tgz" /tmp/mgd_xla_cache.tgz
 tar -C "$OUT" -czf /tmp/mgd_results.tgz . && rm -rf "${OUT:?}"/* \
   && mv /tmp/mgd_results.tgz "$OUT/results.tgz" && mv /tmp/mgd_summary.log "$OUT/summary.log"
+[ -f /tmp/mgd_xla_cache.tgz ] && mv /tmp/mgd_xla_cache.tgz "$OUT/xla_cache.tgz"
+exit 0

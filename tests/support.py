@@ -177,9 +177,14 @@ def check_long_causal(forward, backward, double_backward, *, t=32768, h=16, d=12
     for head in (0, h - 1):
         refs = long_causal_rows_reference(q, k, v, do, ddq, ddk, ddv, rows, scale, head)
         for i, (o_r, gdo_r, gq_r) in zip(rows, refs):
+            # Row 0 sees one key: its softmax is constant in q, so its gq is exactly
+            # zero and a fused kernel returns bf16 rounding noise of terms that cancel
+            # (H200, 2026-11-29: Triton and CUDA both 0.056 in norm, row 1's error
+            # 0.02); error_vs_reference holds that noise against the row's gdo.
             for name, got, ref, order in (("o", o, o_r, 0), ("gdo", gdo, gdo_r, 2),
                                           ("gq", gq, gq_r, 2)):
-                err, tol = rel_l2(got[0, i, head], ref), tolerance("bfloat16", order)
+                err = error_vs_reference(got[0, i, head], ref, nonvanishing=gdo_r)
+                tol = tolerance("bfloat16", order)
                 report.append(f"{name}[row {i}, head {head}] {err:.2e}")
                 if err > tol:
                     misses.append(f"{name}[row {i}, head {head}]: {err:.2e} > {tol:.1e}")

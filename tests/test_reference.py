@@ -104,3 +104,10 @@ def test_long_sequence_check_passes_a_correct_backend_and_catches_a_wrong_one():
 
     with pytest.raises(AssertionError, match=r"gq\[row 1, head 0\]"):
         check_long_causal(forward, backward, wrong, t=300, h=2)
+
+    def wrong_first_row(*a):  # row 0's gq is exactly zero: noise passes, a value must not
+        gq, gk, gv, gdo = double_backward(*a)
+        return gq.at[0, 0, 1].set(gq[0, 1, 1]), gk, gv, gdo
+
+    with pytest.raises(AssertionError, match=r"gq\[row 0, head 1\]"):
+        check_long_causal(forward, backward, wrong_first_row, t=300, h=2)
