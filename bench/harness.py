@@ -234,10 +234,32 @@ def record_result(benchmark, median_s):
           "group": benchmark.group, "stats": stats, "extra_info": dict(benchmark.extra_info)})
 
 
-def record_oom(benchmark, message):
-    """Mark the benchmark out of memory (extra_info oom=True) and remember it for the
+def _family(info):
+    """What an out-of-memory point says something about: the same stage and
+    implementation on the same configuration at any longer T."""
+    return tuple(info.get(k) for k in ("impl", "stage", "B", "H", "D", "causal", "dtype"))
+
+
+def shorter_oom(info):
+    """The shortest T at which this stage and implementation already ran out of memory
+    in this process on the same configuration and a length below info["T"], or None.
+    Every implementation here needs at least as much memory at a longer T (naive
+    autodiff: T^2 per head), so the longer one is not attempted: naive XLA spent a
+    minute compiling its T=32768 double backward on the H200 before it could fail
+    (2026-11-29), after T=16384 had asked for 112 GiB."""
+    family, t = _family(info), info.get("T")
+    seen = [r["extra_info"]["T"] for r in OOM_RECORDS
+            if _family(r["extra_info"]) == family and r["extra_info"].get("T", t) < t]
+    return min(seen) if seen else None
+
+
+def record_oom(benchmark, message, inferred_from=None):
+    """Mark the benchmark out of memory (extra_info oom=True; with inferred_from, the
+    shorter T that ran out, when this one was not attempted) and remember it for the
     saved JSON; the caller then skips the test."""
     benchmark.extra_info.update(oom=True, oom_message=message[:500])
+    if inferred_from is not None:
+        benchmark.extra_info["oom_inferred_from_T"] = inferred_from
     entry = {"name": benchmark.name, "fullname": benchmark.fullname, "group": benchmark.group,
              "stats": None, "extra_info": dict(benchmark.extra_info)}
     OOM_RECORDS.append(entry)

@@ -68,6 +68,9 @@ def _row(entry, run, oom):
         "memory_mib": memory / MiB if memory else math.nan,
         "peak_mib": info["peak_bytes_in_use"] / MiB if info.get("peak_bytes_in_use") else math.nan,
         "oom": bool(oom or info.get("oom")),
+        # "yes": it ran out; "T>=N": not attempted, out of memory at the shorter T=N.
+        "oom_note": (f"T>={info['oom_inferred_from_T']}" if info.get("oom_inferred_from_T")
+                     else "yes" if (oom or info.get("oom")) else ""),
         "gpu": info.get("gpu"), "commit": (info.get("commit") or "")[:10],
     }
 
@@ -142,7 +145,7 @@ def write_markdown(frame, out, reference):
         kernels = kernels.sort_values(["run", "stage_rank", "dtype", "causal", "B", "H", "D", "T",
                                        "impl_rank"])
         cols = ["run", "stage", "shape", "impl", "median_ms", "iqr_ms", "tflops", "speedup",
-                "memory_mib", "oom"]
+                "memory_mib", "oom_note"]
         if len(runs) == 1:
             cols.remove("run")
         lines += ["## Attention kernels", "",
@@ -151,7 +154,8 @@ def write_markdown(frame, out, reference):
                   "halved for causal. Speedup: the fastest of the reference "
                   f"implementations ({', '.join(reference)}) divided by this one. "
                   "Memory: XLA's buffer assignment for the benchmarked function "
-                  "(the allocator's peak where that is missing). OOM: out of memory.", "",
+                  "(the allocator's peak where that is missing). oom_note: yes, it ran out "
+                  "of memory; T>=N: not attempted, as it ran out at the shorter T=N.", "",
                   markdown_table(kernels[cols]), ""]
     if not e2e.empty:
         e2e["impl_rank"] = _impl_rank(e2e["impl"])

@@ -128,6 +128,12 @@ def _bench(benchmark, stage, impl, shape):
     before = harness.memory_stats()
     failure = median = None
     harness.progress(f"start {impl} {stage} {shape.id}")
+    shorter = harness.shorter_oom(info)
+    if shorter is not None:
+        message = f"not attempted: out of memory already at T={shorter}"
+        harness.progress(f"end {impl} {stage} {shape.id}: {message}")
+        harness.record_oom(benchmark, message, inferred_from=shorter)
+        pytest.skip(f"out of memory: {impl} {stage} {shape.id} ({message})")
     try:
         sets = _input_sets_or_skip(stage, impl, shape, benchmark.disabled)
         info["input_sets"] = len(sets)

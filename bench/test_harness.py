@@ -68,6 +68,41 @@ def test_out_of_memory_is_recorded_then_skipped(monkeypatch):
         del harness.OOM_RECORDS[before:]  # a fake point must not reach a saved run
 
 
+def test_a_longer_length_is_not_attempted_after_out_of_memory(monkeypatch):
+    """After T=32 ran out of memory, T=64 of the same stage, implementation and
+    configuration is recorded as out of memory without a call; another head dim or
+    a shorter T still runs."""
+    calls = []
+
+    def exhausted(*args):
+        calls.append(args[0].shape)
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1GiB.")
+
+    monkeypatch.setattr(kernels, "_stage_function", lambda *a: jax.jit(exhausted))
+    before = len(harness.OOM_RECORDS)
+    try:
+        with pytest.raises(pytest.skip.Exception, match="out of memory"):
+            kernels._bench(_fake_benchmark(), "double_backward", "xla",
+                           grid.Shape(1, 32, 1, 16, True, "float32"))
+        traced = len(calls)
+        longer = _fake_benchmark()
+        with pytest.raises(pytest.skip.Exception, match="already at T=32"):
+            kernels._bench(longer, "double_backward", "xla", grid.Shape(1, 64, 1, 16, True, "float32"))
+        assert len(calls) == traced  # never traced, compiled or called
+        assert longer.extra_info["oom"] is True and longer.extra_info["oom_inferred_from_T"] == 32
+        row = report._row(harness.OOM_RECORDS[-1], "run", oom=True)
+        assert row["oom"] and row["oom_note"] == "T>=32"
+        for other in (grid.Shape(1, 64, 1, 32, True, "float32"), grid.Shape(1, 16, 1, 16, True, "float32")):
+            attempted = _fake_benchmark()
+            with pytest.raises(pytest.skip.Exception, match="out of memory"):
+                kernels._bench(attempted, "double_backward", "xla", other)
+            assert "RESOURCE_EXHAUSTED" in attempted.extra_info["oom_message"]
+            assert "oom_inferred_from_T" not in attempted.extra_info
+        assert len(calls) > traced
+    finally:
+        del harness.OOM_RECORDS[before:]
+
+
 def test_other_errors_are_not_swallowed(monkeypatch):
     benchmark = _fake_benchmark()
     def broken(*args):

@@ -141,9 +141,11 @@ part_bench() {
   [ -d .xla-cache ] && cp -rn .xla-cache/. "$xla_cache/" && stamp "XLA cache: $(ls "$xla_cache" | wc -l) entries carried in"
   # The double backward first (the point of the project), then the references'
   # forward and backward, then naive autodiff (double backward first, up to its
-  # out-of-memory point), then the full HVP through mgd.attention. The caps add up
-  # to about 505 s, so the part fits one ten-minute call by itself (measured on the
-  # H200, 2026-11-29: the fused slices took 36 to 51 s; naive XLA needs the most).
+  # out-of-memory point: a longer T is then recorded without an attempt), then the
+  # full HVP through mgd.attention. The caps add up to about 505 s, so the part fits
+  # one ten-minute call by itself (measured on the H200, 2026-11-29: the fused slices
+  # took 36 to 51 s; naive XLA, compiling, needs the most, so the slices want its
+  # cache from an earlier call).
   bench_slice dbwd128 60 pallas,triton,cuda $lengths 16 128 "double_backward" \
     --benchmark-storage="file://$OUT/storage" --benchmark-save=baseline
   bench_slice dbwd64 45 pallas,triton,cuda $lengths 12 64 "double_backward"
