@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add each sequence's whole-model gradient alignment with the target "
                         "to the scorer's features (a backward pass and a pass back through "
                         "it over the corpus; default: the preset's setting, off)")
+    r.add_argument("--per-unit-gradient", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit the scorer to each oracle label divided by its sequence's "
+                        "gradient norm in the inner Adam's geometry (default: the preset's "
+                        "setting, off)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--quiet", action="store_true", help="no output except errors")
     return parser
@@ -73,6 +77,7 @@ def main(argv=None) -> int:
             run(args.preset, out=args.out, ontarget=args.ontarget, offtarget=args.offtarget,
                 target=args.target, budget=args.budget, seeds=args.seeds,
                 attention_impl=args.attention_impl, gradient_alignment=args.gradient_alignment,
+                per_unit_gradient=args.per_unit_gradient,
                 progress=not args.no_progress,
                 quiet=args.quiet)
         except (FileNotFoundError, ValueError) as err:

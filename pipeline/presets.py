@@ -32,11 +32,15 @@ class Preset:
     # forward-pass feature: a backward pass and a pass back through it per sequence).
     # Off in every preset: on CPU it ranks like the labels far better but its selection
     # trained no better (bench/results/cpu_2026-11-29_gradient_alignment); `mgd run
-    # --gradient-alignment` turns it on.
+    # --gradient-alignment` turns it on. per_unit_gradient: fit the scorer to each label
+    # divided by its row's gradient norm in the inner Adam's geometry
+    # (scorer.preconditioned_gradient_norms; `mgd run --per-unit-gradient`), off in every
+    # preset until it has run on the H200 (CPU: bench/results/cpu_2026-11-29_label_magnitude).
     scorer: dict = field(default_factory=lambda: {"regressors": ("ridge", "mlp"),
                                                   "mlp_hidden": 256, "holdout_fraction": 0.2,
                                                   "loss_feature": True, "alignment_feature": True,
-                                                  "gradient_alignment": False})
+                                                  "gradient_alignment": False,
+                                                  "per_unit_gradient": False})
     dsir: dict = field(default_factory=lambda: {"ngrams": 2, "num_buckets": 10_000})
     budget: float = 0.10          # fraction of the corpus (<= 1) or training tokens (> 1)
     seeds: int = 3
@@ -69,7 +73,7 @@ def smoke() -> Preset:
         continued=dict(batch_size=16, lr=1e-3, warmup=2, epochs=2.0, n_evals=4),
         scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 32, "holdout_fraction": 0.2,
                 "loss_feature": True, "alignment_feature": True,
-                "gradient_alignment": False},
+                "gradient_alignment": False, "per_unit_gradient": False},
         dsir={"ngrams": 2, "num_buckets": 2048},
         expected_time="3-5 minutes on 2 CPU cores (plus JAX compilation on a cold cache)",
     )
@@ -137,7 +141,7 @@ def full() -> Preset:
         continued=dict(batch_size=128, lr=3e-4, warmup=100, epochs=1.0, n_evals=10),
         scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 512, "holdout_fraction": 0.1,
                 "loss_feature": True, "alignment_feature": True,
-                "gradient_alignment": False},
+                "gradient_alignment": False, "per_unit_gradient": False},
         dsir={"ngrams": 2, "num_buckets": 10_000},
         feature_batch=256, loss_batch=256,
         expected_time="about 14-18 hours on one H200 (estimate)",

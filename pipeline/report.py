@@ -42,11 +42,18 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("eval_loss_mean")
 
 
+def spearman_vs_labels(scorer_summary: dict | None) -> float | None:
+    """The winner's held-out Spearman against the oracle labels themselves (a scorer fit
+    per unit of gradient norm is judged against the labels too)."""
+    s = scorer_summary or {}
+    return s.get("heldout_spearman_vs_labels", s.get("heldout_spearman_winner"))
+
+
 def bar_checks(summary: pd.DataFrame, scorer_summary: dict | None, top_share: float | None,
                aim_spearman: float = 0.85) -> list[tuple[str, bool | None, str]]:
     """The demo's bar, as (check, passed or None if not measurable, detail)."""
     checks = []
-    rho = (scorer_summary or {}).get("heldout_spearman_winner")
+    rho = spearman_vs_labels(scorer_summary)
     checks.append((f"distilled scorer held-out Spearman vs oracle >= {aim_spearman}",
                    None if rho is None else rho >= aim_spearman,
                    "n/a" if rho is None else f"{rho:.3f} ({scorer_summary['winner']})"))
@@ -146,6 +153,11 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
                   f"rows never used for fitting): {rhos}. Winner: **{scorer_summary['winner']}**, "
                   f"refit on all {scorer_summary['n_labeled']} labeled rows to score the corpus.",
                   ""]
+        if "heldout_spearman_vs_labels" in scorer_summary:
+            lines[-2] = lines[-2].replace("against the oracle labels", "against its fit target, "
+                                          f"{scorer_summary['fit_target']}")
+            lines += [f"The winner's held-out Spearman against the oracle labels themselves: "
+                      f"{scorer_summary['heldout_spearman_vs_labels']:.3f}.", ""]
     lines += ["## Demo bar", ""]
     for name, ok, detail in checks:
         mark = "n/a" if ok is None else ("PASS" if ok else "FAIL")

@@ -61,7 +61,7 @@ def resolve_sources(ontarget=None, offtarget=None, env=None):
 
 
 def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=None, seeds=None,
-               attention_impl=None, gradient_alignment=None) -> dict:
+               attention_impl=None, gradient_alignment=None, per_unit_gradient=None) -> dict:
     """Everything that determines the run's results, as plain JSON."""
     p = presets_mod.get(preset) if isinstance(preset, str) else preset
     on, off = resolve_sources(ontarget, offtarget)
@@ -77,6 +77,8 @@ def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=Non
     plan["seeds"] = int(seeds) if seeds is not None else p.seeds
     if gradient_alignment is not None:
         plan["scorer"] = {**plan["scorer"], "gradient_alignment": bool(gradient_alignment)}
+    if per_unit_gradient is not None:
+        plan["scorer"] = {**plan["scorer"], "per_unit_gradient": bool(per_unit_gradient)}
     # Exactly what plan.json will hold (tuples become lists), so a re-run compares equal.
     return json.loads(json.dumps(plan))
 
@@ -182,13 +184,14 @@ class _Log:
 
 
 def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None, budget=None,
-        seeds=None, attention_impl=None, gradient_alignment=None, progress=True, quiet=False,
-        methods=METHODS):
+        seeds=None, attention_impl=None, gradient_alignment=None, per_unit_gradient=None,
+        progress=True, quiet=False, methods=METHODS):
     """Run (or resume) the experiment; returns the per-method summary DataFrame.
-    `gradient_alignment` (True/False) overrides the preset's scorer.gradient_alignment."""
+    `gradient_alignment` and `per_unit_gradient` (True/False) override the preset's
+    scorer settings of those names."""
     plan = build_plan(preset, ontarget=ontarget, offtarget=offtarget, target=target,
                       budget=budget, seeds=seeds, attention_impl=attention_impl,
-                      gradient_alignment=gradient_alignment)
+                      gradient_alignment=gradient_alignment, per_unit_gradient=per_unit_gradient)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
@@ -297,16 +300,33 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
 
     st = artifacts.stage(run_dir, "scorer")
     if not st.done:
-        log("scorer: fitting ridge and MLP to the oracle labels")
         sc = plan["scorer"]
-        fit = scorer_mod.fit_scorer(feats, labels.indices, labels.scores, seed=0,
+        targets, extra = labels.scores, {}
+        if sc.get("per_unit_gradient"):
+            log("scorer: each labeled row's gradient norm in the inner Adam's geometry")
+            oc = OracleConfig(**plan["oracle"])
+            _, nu, count = base_adam
+            norms = scorer_mod.preconditioned_gradient_norms(
+                base, corpus.tokens[labels.indices], model_cfg, nu, count, b2=oc.b2, eps=oc.eps)
+            targets = labels.scores / np.maximum(norms, np.finfo(np.float64).tiny)
+            extra["labeled_grad_norms"] = norms.astype(np.float32)
+        log("scorer: fitting ridge and MLP to the oracle labels"
+            + (" per unit of gradient norm" if sc.get("per_unit_gradient") else ""))
+        fit = scorer_mod.fit_scorer(feats, labels.indices, targets, seed=0,
                                     holdout_fraction=sc["holdout_fraction"],
                                     regressors=tuple(sc["regressors"]), mlp_hidden=sc["mlp_hidden"])
+        fit_summary = fit.summary()
+        if sc.get("per_unit_gradient"):
+            # The bar is against the labels themselves, whatever the scorer was fit to.
+            raw = dict(zip(labels.indices.tolist(), labels.scores.tolist()))
+            fit_summary["fit_target"] = "oracle label / preconditioned gradient norm"
+            fit_summary["heldout_spearman_vs_labels"] = float(scorer_mod.spearman(
+                fit.heldout_pred, np.array([raw[i] for i in fit.heldout_indices.tolist()])))
         with st as tmp:
             artifacts.atomic_save_arrays(tmp / "scores.npz", scores=fit.scores,
                                          heldout_indices=fit.heldout_indices,
                                          heldout_labels=fit.heldout_labels,
-                                         heldout_pred=fit.heldout_pred)
+                                         heldout_pred=fit.heldout_pred, **extra)
             feature_set = "mean-pooled final hidden state"
             if sc.get("loss_feature"):
                 feature_set += " + per-sequence loss"
@@ -316,7 +336,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
             if sc.get("gradient_alignment"):
                 feature_set += " + whole-model gradient alignment with the target"
             artifacts.atomic_write_json(tmp / "summary.json",
-                                        {**fit.summary(), "features": feature_set})
+                                        {**fit_summary, "features": feature_set})
     scorer_summary = artifacts.read_json(st.path / "summary.json")
     scored = artifacts.load_arrays(st.path / "scores.npz")
     log(f"scorer: {scorer_summary['winner']} wins, held-out Spearman "
@@ -382,7 +402,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     if not quiet:
         print()
         report_mod.print_summary(summary)
-        print(f"\nscorer held-out Spearman {scorer_summary['heldout_spearman_winner']:.3f} "
+        print(f"\nscorer held-out Spearman {report_mod.spearman_vs_labels(scorer_summary):.3f} "
               f"({scorer_summary['winner']}); on-target share of its top 10%: "
               f"{100 * top_share:.1f}%")
     return summary

@@ -186,6 +186,38 @@ def gradient_alignment(params, direction, seqs, model_cfg):
     return jax.grad(inner_product)(jnp.ones((seqs.shape[0],), jnp.float32))
 
 
+def preconditioned_gradient_norms(params, seqs, model_cfg, adam_nu, adam_count, *, b2=0.999,
+                                  eps=1e-8, batch_size: int = 64):
+    """[N] float64: each row's loss-gradient norm in the inner Adam's geometry,
+    sqrt(<g, g / (sqrt(nu_hat) + eps)>), the metric in which `target_direction`'s inner
+    products (and so the labels, to first order) are taken. Dividing a label by it
+    leaves how well the row's gradient points at the target's, per unit of its size:
+    inner products favour rows with large gradients (unusual, high-loss rows), which
+    LESS (Xia et al., 2024) avoids with a cosine for the same reason."""
+    import jax
+    import jax.numpy as jnp
+
+    from mgd.pipeline import model as model_lib
+
+    seqs = np.asarray(seqs)
+    if seqs.ndim != 2 or seqs.shape[0] == 0:
+        raise ValueError(f"seqs must be [N, L+1] with N >= 1, got {seqs.shape}")
+    correction = 1.0 - b2 ** int(adam_count)
+    metric = jax.tree_util.tree_map(
+        lambda v: 1.0 / (jnp.sqrt(jnp.asarray(v, jnp.float32) / correction) + eps), adam_nu)
+    leaves = jax.tree_util.tree_leaves
+
+    def one(x):
+        g = jax.grad(lambda p: model_lib.per_example_loss(p, x[None], model_cfg)[0])(params)
+        return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32)) * m)
+                            for a, m in zip(leaves(g), leaves(metric))))
+
+    norms = jax.jit(jax.vmap(one))
+    out = [np.asarray(norms(jnp.asarray(seqs[i:i + batch_size])), np.float64)
+           for i in range(0, seqs.shape[0], batch_size)]
+    return np.concatenate(out)
+
+
 def features_with_gradient_alignment(params_and_direction, seqs, model_cfg):
     """[N, d + 5]: `features_with_loss_and_alignment`'s columns, then
     `gradient_alignment`. Takes (params, whole-model direction from

@@ -25,6 +25,7 @@
 #   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
 #   demo_gradient  the demo again with `--gradient-alignment`, on a copy of the finished
 #             demo run (only the scorer's stages are redone)
+#   demo_per_unit  the same with `--per-unit-gradient`
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
 # fills both), with the whole call under its ten minutes:
@@ -219,32 +220,34 @@ part_demo() {
     && tar -czf "$OUT/demo_labels.tgz" $(ls oracle/labels.npz scorer/scores.npz cluster.npy 2>/dev/null)) || true
 }
 
-part_demo_gradient() {
-  # The demo's scorer with the whole-model gradient alignment column, on a copy of the
-  # finished demo run (same corpus, base model, labels and baselines): only the
-  # features, the scorer and the distilled selection's training are redone.
-  local base=${MGD_RUNS_DIR:-runs}/demo run_dir=${MGD_RUNS_DIR:-runs}/demo-gradient
+demo_variant() {  # NAME FLAG: the demo's scorer stages again with FLAG
+  # On a copy of the finished demo run (same corpus, base model, labels and baselines):
+  # only the features, the scorer and the distilled selection's training are redone.
+  local name=$1 flag=$2 base=${MGD_RUNS_DIR:-runs}/demo run_dir=${MGD_RUNS_DIR:-runs}/demo-$1
   if [ ! -f "$base/results.csv" ]; then
-    stamp "demo_gradient: skipped (no finished demo run in $base; run the demo part first)"
+    stamp "demo_$name: skipped (no finished demo run in $base; run the demo part first)"
     return 0
   fi
   rm -rf "$run_dir"
   python3 -c "import sys; from mgd.pipeline.run import copy_for_scorer_variant as c; c(*sys.argv[1:])" \
-    "$base" "$run_dir" || { stamp "demo_gradient: copy failed"; return 0; }
-  capped 300 60 "demo preset, whole-model gradient alignment" env MGD_DATA_DIR=.mgd-data \
-    python3 -m mgd.cli run --preset demo --gradient-alignment --out "$run_dir" --no-progress \
-    > "$OUT/demo_gradient.log" 2>&1
-  [ -d "$run_dir" ] && tar -C "$run_dir" -czf "$OUT/demo_gradient_run.tgz" --exclude='_ckpt' \
-    --exclude='*.npz' --exclude='continued-*' --exclude='select-*' --exclude='population' \
+    "$base" "$run_dir" || { stamp "demo_$name: copy failed"; return 0; }
+  capped 300 60 "demo preset, $flag" env MGD_DATA_DIR=.mgd-data \
+    python3 -m mgd.cli run --preset demo "$flag" --out "$run_dir" --no-progress \
+    > "$OUT/demo_$name.log" 2>&1
+  [ -d "$run_dir" ] && tar -C "$run_dir" -czf "$OUT/demo_${name}_run.tgz" --exclude='_ckpt' \
+    --exclude='*.npz' --exclude='continued-*' --exclude='select-*' --exclude='population*' \
     --exclude='corpus' --exclude='base' --exclude='oracle' --exclude='tokenizer_cache' .
-  (cd "$run_dir" 2>/dev/null && tar -czf "$OUT/demo_gradient_scores.tgz" scorer/scores.npz) || true
+  (cd "$run_dir" 2>/dev/null && tar -czf "$OUT/demo_${name}_scores.tgz" scorer/scores.npz) || true
 }
 
-parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient}
+part_demo_gradient() { demo_variant gradient --gradient-alignment; }
+part_demo_per_unit() { demo_variant per_unit --per-unit-gradient; }
+
+parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit}
 for part in $parts; do
   case $part in
-    tune|tests|variants|bench|e2e|nvtx|oracle|demo|demo_gradient) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo demo_gradient)"; exit 2 ;;
+    tune|tests|variants|bench|e2e|nvtx|oracle|demo|demo_gradient|demo_per_unit) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit)"; exit 2 ;;
   esac
 done
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mgd.cli import build_parser, main
@@ -32,6 +33,13 @@ def test_cli_gradient_alignment_switch_reaches_the_plan():
     assert on["scorer"]["gradient_alignment"] is True
     assert build_plan("smoke", ontarget="hf:a:b:c",
                       offtarget="hf:d:e:f")["scorer"]["gradient_alignment"] is False
+    parse = lambda *a: build_parser().parse_args(["run", *a]).per_unit_gradient  # noqa: E731
+    assert (parse(), parse("--per-unit-gradient"), parse("--no-per-unit-gradient")) == (
+        None, True, False)
+    on = build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", per_unit_gradient=True)
+    assert on["scorer"]["per_unit_gradient"] is True
+    assert build_plan("smoke", ontarget="hf:a:b:c",
+                      offtarget="hf:d:e:f")["scorer"]["per_unit_gradient"] is False
 
 
 @pytest.mark.parametrize("bad", [["--budget", "0"], ["--budget", "x"], ["--seeds", "0"],
@@ -196,3 +204,35 @@ def test_gradient_alignment_variant_reuses_the_labels_and_adds_one_column(smoke_
     summary = json.loads((variant / "scorer" / "summary.json").read_text())
     assert "whole-model gradient alignment" in summary["features"]
     assert (variant / "oracle" / "DONE").exists() and (variant / "results.csv").exists()
+
+
+@needs_data
+def test_per_unit_gradient_variant_fits_the_scaled_labels_and_reports_against_the_labels(
+        smoke_run, tmp_path):
+    """Fit per unit of gradient norm: the scorer's held-out rows carry label / norm, the
+    summary also gives the Spearman against the labels themselves, and the report's bar
+    uses that one."""
+    from mgd.pipeline import artifacts
+    from mgd.pipeline.oracle import Labels
+    from mgd.pipeline.run import copy_for_scorer_variant, run
+    out, _ = smoke_run
+    variant = tmp_path / "per-unit"
+    copy_for_scorer_variant(out, variant)
+    run("smoke", out=variant, ontarget=DATA / "ontarget.jsonl.gz",
+        offtarget=DATA / "offtarget.jsonl.gz", per_unit_gradient=True, quiet=True,
+        methods=("metagrad_distilled", "random"))
+    labels = Labels.load(variant)
+    scored = artifacts.load_arrays(variant / "scorer" / "scores.npz")
+    norms = scored["labeled_grad_norms"]
+    assert norms.shape == labels.scores.shape and (norms > 0).all() and np.ptp(norms) > 0
+    scaled = dict(zip(labels.indices.tolist(), (labels.scores / norms).tolist()))
+    np.testing.assert_allclose(scored["heldout_labels"],
+                               [scaled[i] for i in scored["heldout_indices"].tolist()], rtol=1e-5)
+    summary = json.loads((variant / "scorer" / "summary.json").read_text())
+    assert summary["fit_target"].startswith("oracle label /")
+    raw = dict(zip(labels.indices.tolist(), labels.scores.tolist()))
+    from mgd.pipeline.scorer import spearman
+    want = spearman(scored["heldout_pred"], [raw[i] for i in scored["heldout_indices"].tolist()])
+    assert summary["heldout_spearman_vs_labels"] == pytest.approx(want)
+    report = (variant / "report.md").read_text()
+    assert f"{want:.3f}" in report.split("## Demo bar")[1].splitlines()[2]

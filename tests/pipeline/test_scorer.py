@@ -274,6 +274,31 @@ def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
         scorer.gradient_alignment(params, {"embed": direction["embed"]}, seqs, cfg)
 
 
+def test_preconditioned_gradient_norms_match_per_row_autodiff():
+    """Against autodiff one row at a time: sqrt(sum g^2 / (sqrt(nu / (1 - b2^count)) + eps))
+    over every parameter, with a fresh positive second moment; rows in several batches."""
+    import jax
+    import jax.numpy as jnp
+    from mgd.pipeline import model
+    cfg, params = _tiny_model(5)
+    rng = np.random.default_rng(12)
+    seqs = rng.integers(0, 29, (7, 13)).astype(np.int32)
+    nu = jax.tree_util.tree_map(lambda a: (rng.random(a.shape) * 1e-3 + 1e-6).astype(np.float32),
+                                params)
+    got = scorer.preconditioned_gradient_norms(params, seqs, cfg, nu, 50, batch_size=3)
+    corr = 1 - 0.999 ** 50
+    want = np.zeros(7)
+    for i in range(7):
+        g = jax.grad(lambda p: model.per_example_loss(p, jnp.asarray(seqs[i:i + 1]), cfg)[0])(params)
+        want[i] = np.sqrt(sum(float(jnp.sum(a.astype(jnp.float64) ** 2 / (np.sqrt(v / corr) + 1e-8)))
+                              for a, v in zip(jax.tree_util.tree_leaves(g),
+                                              jax.tree_util.tree_leaves(nu))))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert np.ptp(want) > 0.01 * want.mean()
+    with pytest.raises(ValueError, match="seqs"):
+        scorer.preconditioned_gradient_norms(params, seqs[:0], cfg, nu, 50)
+
+
 def test_features_with_gradient_alignment_append_the_whole_model_column():
     import jax
     import jax.numpy as jnp
