@@ -81,8 +81,8 @@ def smoke() -> Preset:
 
 def demo() -> Preset:
     """The demonstration on one H200, at most 8 minutes end to end (measured there:
-    339 s with the alignment features, bench/results/h200_2026-11-29c; since then
-    perplexity correlations trains one population per seed, about 60 s more).
+    359 s with the alignment features and one perplexity-correlations population per
+    seed, bench/results/h200_2026-11-29d).
 
     28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
     256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models
@@ -106,10 +106,9 @@ def demo() -> Preset:
         population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
         continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
         feature_batch=512, loss_batch=512,
-        expected_time="about 6.7 minutes on one H200 (339 s measured 2026-11-29, plus about "
-                      "60 s for perplexity correlations' populations per seed), the largest "
-                      "part the oracle, then continued pretraining and DSIR's single-process "
-                      "n-gram pass",
+        expected_time="about 6 minutes on one H200 (359 s measured 2026-11-29), the largest "
+                      "part the oracle, then perplexity correlations' populations, DSIR's "
+                      "single-process n-gram pass and continued pretraining",
     )
 
 

@@ -148,14 +148,14 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
                       f"against these labels.", ""]
     if scorer_summary:
         rhos = ", ".join(f"{k} {v:.3f}" for k, v in scorer_summary["heldout_spearman"].items())
+        target = scorer_summary.get("fit_target")
         lines += ["## Distilled scorer", "",
-                  f"Held-out Spearman against the oracle labels ({scorer_summary['n_heldout']} "
-                  f"rows never used for fitting): {rhos}. Winner: **{scorer_summary['winner']}**, "
-                  f"refit on all {scorer_summary['n_labeled']} labeled rows to score the corpus.",
-                  ""]
-        if "heldout_spearman_vs_labels" in scorer_summary:
-            lines[-2] = lines[-2].replace("against the oracle labels", "against its fit target, "
-                                          f"{scorer_summary['fit_target']}")
+                  f"Held-out Spearman against "
+                  + (f"its fit target, {target}" if target else "the oracle labels")
+                  + f" ({scorer_summary['n_heldout']} rows never used for fitting): {rhos}. "
+                  f"Winner: **{scorer_summary['winner']}**, refit on all "
+                  f"{scorer_summary['n_labeled']} labeled rows to score the corpus.", ""]
+        if target:
             lines += [f"The winner's held-out Spearman against the oracle labels themselves: "
                       f"{scorer_summary['heldout_spearman_vs_labels']:.3f}.", ""]
     lines += ["## Demo bar", ""]

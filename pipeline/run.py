@@ -340,7 +340,9 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
     scorer_summary = artifacts.read_json(st.path / "summary.json")
     scored = artifacts.load_arrays(st.path / "scores.npz")
     log(f"scorer: {scorer_summary['winner']} wins, held-out Spearman "
-        + ", ".join(f"{a} {b:.3f}" for a, b in scorer_summary["heldout_spearman"].items()))
+        + ", ".join(f"{a} {b:.3f}" for a, b in scorer_summary["heldout_spearman"].items())
+        + (f" (against the labels themselves: {scorer_summary['heldout_spearman_vs_labels']:.3f})"
+           if "heldout_spearman_vs_labels" in scorer_summary else ""))
 
     # -- selections ----------------------------------------------------------------------
     ctx = dict(run_dir=run_dir, corpus=corpus, base=base, model_cfg=model_cfg, plan=plan, k=k,
