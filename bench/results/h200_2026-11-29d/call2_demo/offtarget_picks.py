@@ -1,0 +1,53 @@
+"""Which off-target rows the distilled selection and the labels pick, on this demo run.
+
+    MGD_DATA_DIR=<shared/data> python offtarget_picks.py WORK_DIR > offtarget_picks.txt
+
+Rebuilds the demo's corpus on CPU from `demo/plan.json` (the corpus stage needs no GPU;
+its stats must equal the run's `demo/summaries/corpus_stats.json`, which is checked),
+then reads `demo_labels.tgz`. Prints the labels' percentile of the distilled selection's
+off-target rows that were labeled, and the opening of a few of each kind.
+"""
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from mgd.pipeline.corpus import CorpusConfig, build_corpus
+
+here = Path(__file__).parent
+plan = json.loads((here / "demo" / "plan.json").read_text())
+data = Path(os.environ["MGD_DATA_DIR"])
+cfg = {**plan["corpus"], "ontarget": str(data / "ontarget.jsonl.gz"),
+       "offtarget": str(data / "offtarget.jsonl.gz")}
+corpus = build_corpus(CorpusConfig(**cfg), Path(sys.argv[1]))
+stats = json.loads((Path(sys.argv[1]) / "corpus" / "stats.json").read_text())
+assert stats == json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()), \
+    "the rebuilt corpus differs from the run's"
+with tarfile.open(here / "demo_labels.tgz") as tar:
+    def load(name):
+        return np.load(io.BytesIO(tar.extractfile(name).read()))
+    labels, scores = load("oracle/labels.npz"), load("scorer/scores.npz")["scores"]
+rows, lab = labels["indices"], labels["scores"]
+k = int(round(plan["budget"] * len(scores)))
+top = np.argsort(-scores)[:k]
+off = top[corpus.cluster[top] == 1]
+pct = np.argsort(np.argsort(lab)) / (len(lab) - 1)
+labeled = np.isin(rows, off)
+print(f"distilled top {k}: {len(off)} off-target rows; {labeled.sum()} of them labeled, "
+      f"their labels' mean percentile {pct[labeled].mean():.2f} (median {np.median(pct[labeled]):.2f})")
+on_top = top[corpus.cluster[top] == 0]
+on_lab = np.isin(rows, on_top)
+print(f"for comparison, its on-target rows that were labeled: {on_lab.sum()}, "
+      f"mean percentile {pct[on_lab].mean():.2f}")
+ten = rows[np.argsort(-lab)[:len(lab) // 10]]
+off_lab = ten[corpus.cluster[ten] == 1]
+print(f"labels' own top 10%: {len(off_lab)} off-target rows of {len(ten)}")
+for title, picks in (("distilled selection's off-target rows", off[:8]),
+                     ("labels' top-10% off-target rows", off_lab[:8])):
+    print(f"\n{title} (first 8, opening 160 characters):")
+    for text in corpus.decode(corpus.tokens[picks]):
+        print("  -", " ".join(text.split())[:160])
