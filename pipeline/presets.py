@@ -147,6 +147,20 @@ def full() -> Preset:
     )
 
 
+def mid() -> Preset:
+    """The CPU experiments' scale, between `smoke` and `demo` (not a `--preset`): the
+    smoke corpus with a 3-layer, 64-wide model trained for 600 steps and 96 oracle rounds
+    of 32 rows; a whole run took 88 s on 2 CPU cores (bench/results/
+    cpu_2026-11-29_target_size). The `cpu_*` records in bench/results from 2026-11-29 on
+    run at this scale."""
+    return smoke().replace(
+        name="mid", model=dict(n_layer=3, n_head=2, d_model=64, compute_dtype="float32"),
+        base_train=dict(steps=600, batch_size=16, lr=3e-3, warmup=20, eval_every=0,
+                        ckpt_every=200),
+        oracle=dict(k=32, inner_steps=4, inner_lr=1e-4, rounds=96, target_batch=32,
+                    pool_size=512))
+
+
 PRESETS = {"smoke": smoke, "demo": demo, "full": full}
 
 

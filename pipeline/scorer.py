@@ -54,6 +54,17 @@ def _last_layer(tree):
             "w_down": tree["blocks"]["w_down"][-1]}
 
 
+def adam_metric(adam_nu, adam_count, *, b2=0.999, eps=1e-8):
+    """1 / (sqrt(nu_hat) + eps) per parameter, float32: the inner Adam's preconditioner
+    from the base run's bias-corrected second moment, the metric the labels' first-order
+    estimate (and so every alignment column) is taken in."""
+    import jax
+    import jax.numpy as jnp
+    correction = 1.0 - b2 ** int(adam_count)
+    return jax.tree_util.tree_map(
+        lambda v: 1.0 / (jnp.sqrt(jnp.asarray(v, jnp.float32) / correction) + eps), adam_nu)
+
+
 def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=0.999,
                      eps=1e-8, batch_size: int = 128, parts: str = "last_layer") -> dict:
     """The gradient of the target loss Phi (mean loss over `target_seqs`), preconditioned
@@ -84,13 +95,11 @@ def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=
     for start in range(0, target_seqs.shape[0], batch_size):
         g = grad_sum(params, jnp.asarray(target_seqs[start:start + batch_size]))
         total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
-    correction = 1.0 - b2 ** int(adam_count)
 
-    def precondition(g, v):
-        g = g.astype(jnp.float32) / target_seqs.shape[0]
-        return np.asarray(g / (jnp.sqrt(jnp.asarray(v, jnp.float32) / correction) + eps),
-                          np.float32)
-    return jax.tree_util.tree_map(precondition, total, select(adam_nu))
+    def precondition(g, m):
+        return np.asarray(g.astype(jnp.float32) / target_seqs.shape[0] * m, np.float32)
+    return jax.tree_util.tree_map(precondition, total,
+                                  select(adam_metric(adam_nu, adam_count, b2=b2, eps=eps)))
 
 
 def last_layer_alignment(params, hidden, resid, up, targets, direction, model_cfg):
@@ -202,9 +211,7 @@ def preconditioned_gradient_norms(params, seqs, model_cfg, adam_nu, adam_count, 
     seqs = np.asarray(seqs)
     if seqs.ndim != 2 or seqs.shape[0] == 0:
         raise ValueError(f"seqs must be [N, L+1] with N >= 1, got {seqs.shape}")
-    correction = 1.0 - b2 ** int(adam_count)
-    metric = jax.tree_util.tree_map(
-        lambda v: 1.0 / (jnp.sqrt(jnp.asarray(v, jnp.float32) / correction) + eps), adam_nu)
+    metric = adam_metric(adam_nu, adam_count, b2=b2, eps=eps)
     leaves = jax.tree_util.tree_leaves
 
     def one(x):

@@ -255,8 +255,7 @@ stamp "done"
 # Few files come back from the device: all but the summary (and XLA's cache, up to
 # 16 MiB a file) travel as one archive.
 cp "$OUT/summary.log" /tmp/mgd_summary.log
-[ -f "$OUT/xla_cache.tgz" ] && mv "$OUT/xla_cache.tgz" /tmp/mgd_xla_cache.tgz
+if [ -f "$OUT/xla_cache.tgz" ]; then mv "$OUT/xla_cache.tgz" /tmp/mgd_xla_cache.tgz; fi
 tar -C "$OUT" -czf /tmp/mgd_results.tgz . && rm -rf "${OUT:?}"/* \
   && mv /tmp/mgd_results.tgz "$OUT/results.tgz" && mv /tmp/mgd_summary.log "$OUT/summary.log"
-[ -f /tmp/mgd_xla_cache.tgz ] && mv /tmp/mgd_xla_cache.tgz "$OUT/xla_cache.tgz"
-exit 0
+if [ -f /tmp/mgd_xla_cache.tgz ]; then mv /tmp/mgd_xla_cache.tgz "$OUT/xla_cache.tgz"; fi

@@ -25,21 +25,14 @@ def test_cli_parses_every_option():
             a.attention_impl) == ("demo", "on.jsonl", "off.jsonl.gz", "t.jsonl", "o", 0.05, 4, "xla")
 
 
-def test_cli_gradient_alignment_switch_reaches_the_plan():
-    parse = lambda *a: build_parser().parse_args(["run", *a]).gradient_alignment  # noqa: E731
-    assert (parse(), parse("--gradient-alignment"), parse("--no-gradient-alignment")) == (
-        None, True, False)
-    on = build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", gradient_alignment=True)
-    assert on["scorer"]["gradient_alignment"] is True
-    assert build_plan("smoke", ontarget="hf:a:b:c",
-                      offtarget="hf:d:e:f")["scorer"]["gradient_alignment"] is False
-    parse = lambda *a: build_parser().parse_args(["run", *a]).per_unit_gradient  # noqa: E731
-    assert (parse(), parse("--per-unit-gradient"), parse("--no-per-unit-gradient")) == (
-        None, True, False)
-    on = build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", per_unit_gradient=True)
-    assert on["scorer"]["per_unit_gradient"] is True
-    assert build_plan("smoke", ontarget="hf:a:b:c",
-                      offtarget="hf:d:e:f")["scorer"]["per_unit_gradient"] is False
+@pytest.mark.parametrize("setting", ["gradient_alignment", "per_unit_gradient"])
+def test_cli_scorer_switches_reach_the_plan(setting):
+    flag = "--" + setting.replace("_", "-")
+    parse = lambda *a: getattr(build_parser().parse_args(["run", *a]), setting)  # noqa: E731
+    assert (parse(), parse(flag), parse(flag.replace("--", "--no-"))) == (None, True, False)
+    on = build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", **{setting: True})
+    assert on["scorer"][setting] is True
+    assert build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f")["scorer"][setting] is False
 
 
 @pytest.mark.parametrize("bad", [["--budget", "0"], ["--budget", "x"], ["--seeds", "0"],
@@ -80,6 +73,11 @@ def test_plan_applies_overrides_and_presets_are_complete():
         p = presets.get(name)
         assert p.seeds >= 3 and p.budget == 0.10 and p.expected_time
         assert presets.PRESETS[name].__doc__
+    # The CPU experiments' scale: the smoke corpus and scorer, a larger model and oracle.
+    mid, smoke = presets.mid(), presets.smoke()
+    assert "mid" not in presets.PRESETS and mid.name == "mid"
+    assert (mid.corpus, mid.scorer) == (smoke.corpus, smoke.scorer) and mid.model["n_layer"] == 3
+    assert build_plan(mid, ontarget="hf:a:b:c", offtarget="hf:d:e:f")["oracle"]["rounds"] == 96
 
 
 # ------------------------------------------------------------------ end to end

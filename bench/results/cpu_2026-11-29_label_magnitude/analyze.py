@@ -14,11 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgd.pipeline import artifacts, model as model_lib, scorer
+from mgd.pipeline import model as model_lib, scorer
 from mgd.pipeline.corpus import Corpus
 from mgd.pipeline.model import GPTConfig
 from mgd.pipeline.oracle import Labels
@@ -42,25 +41,17 @@ def analyze(d):
     seqs = corpus.tokens[rows]
     cluster = corpus.cluster[rows]
     direction = scorer.target_direction(params, corpus.target_tokens, cfg, nu, count, parts="all")
-    correction = 1.0 - 0.999 ** int(count)
-    # sqrt(1 / (sqrt(nu_hat) + eps)): the inner Adam's metric, split between both sides
-    half = jax.tree_util.tree_map(
-        lambda v: jnp.sqrt(1.0 / (jnp.sqrt(jnp.asarray(v, jnp.float32) / correction) + 1e-8)), nu)
-    leaves = jax.tree_util.tree_leaves
-
-    @jax.jit
-    def per_row(x):
-        loss, g = jax.value_and_grad(
-            lambda p: model_lib.per_example_loss(p, x[None], cfg)[0])(params)
-        sq = sum(jnp.sum((a.astype(jnp.float32) * h) ** 2) for a, h in zip(leaves(g), leaves(half)))
-        dot = sum(jnp.sum(a.astype(jnp.float32) * t) for a, t in zip(leaves(g), leaves(direction)))
-        return loss, jnp.sqrt(sq), dot
-
-    out = np.array([per_row(jnp.asarray(x)) for x in seqs], np.float64)
-    loss, norm, dot = out.T
+    loss = np.asarray(model_lib.per_example_loss(params, jnp.asarray(seqs), cfg), np.float64)
+    norm = scorer.preconditioned_gradient_norms(params, seqs, cfg, nu, count)
+    dot = np.asarray(scorer.gradient_alignment(params, direction, seqs, cfg), np.float64)
     lab = labels.scores
     on = cluster == 0
     sp = lambda a, b: round(scorer.spearman(a, b), 3)  # noqa: E731
+
+    def mean_ontarget_loss(order):
+        top = order[:len(order) // 10]
+        return round(float(loss[top][on[top]].mean()), 4)
+
     return {
         "run": str(d), "labeled_rows": int(len(rows)),
         "labeled_cluster_shares": (np.bincount(cluster, minlength=3) / len(rows)).round(3).tolist(),
@@ -76,8 +67,8 @@ def analyze(d):
             "label_over_norm": shares(cluster, np.argsort(-lab / norm)),
         },
         "top10_mean_loss_vs_all_ontarget": {
-            "label": round(float(loss[np.argsort(-lab)[:len(lab) // 10]][on[np.argsort(-lab)[:len(lab) // 10]]].mean()), 4),
-            "first_order_over_norm": round(float(loss[np.argsort(-dot / norm)[:len(lab) // 10]][on[np.argsort(-dot / norm)[:len(lab) // 10]]].mean()), 4),
+            "label": mean_ontarget_loss(np.argsort(-lab)),
+            "first_order_over_norm": mean_ontarget_loss(np.argsort(-dot / norm)),
             "all_ontarget": round(float(loss[on].mean()), 4)},
     }
 

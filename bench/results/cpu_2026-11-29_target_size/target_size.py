@@ -1,5 +1,5 @@
-"""The whole pipeline at the `mid` configuration of
-../cpu_2026-11-29_gradient_alignment/full_pipeline.py with a larger metagradient target
+"""The whole pipeline at the `mid` configuration (`presets.mid()`, that of
+../cpu_2026-11-29_gradient_alignment/full_pipeline.py) with a larger metagradient target
 set: does a target gradient averaged over more target documents give labels (and a
 distilled selection) closer to the on-target distribution?
 
@@ -20,17 +20,11 @@ from mgd.pipeline.oracle import Labels
 
 out, n_target = Path(sys.argv[1]), int(sys.argv[2])
 seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-base = presets.smoke()
+base = presets.mid()
 corpus = {**base.corpus, "n_target": n_target}
 if seed:
     corpus["seed"] = seed
-p = base.replace(name="mid", corpus=corpus,
-                 model=dict(n_layer=3, n_head=2, d_model=64, compute_dtype="float32"),
-                 base_train=dict(steps=600, batch_size=16, lr=3e-3, warmup=20, eval_every=0,
-                                 ckpt_every=200),
-                 oracle=dict(k=32, inner_steps=4, inner_lr=1e-4, rounds=96, target_batch=32,
-                             pool_size=512),
-                 scorer={**base.scorer, "alignment_feature": True, "gradient_alignment": False})
+p = base.replace(corpus=corpus)
 summary = run.run(p, out=out, progress=False, quiet=True)
 labels, cluster = Labels.load(out), Corpus.load(out).cluster
 top = labels.indices[np.argsort(-labels.scores)[:len(labels.scores) // 10]]

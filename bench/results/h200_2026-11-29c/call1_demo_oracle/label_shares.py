@@ -1,14 +1,17 @@
-"""Cluster shares of the labeled rows' top fractions by oracle label, from demo_labels.tgz.
+"""Cluster shares of the labeled rows' top fractions by oracle label, from demo_labels.tgz
+(the one beside this script, or the one given: another run's demo labels).
 
-    python label_shares.py > label_shares.txt
+    python label_shares.py [demo_labels.tgz] > label_shares.txt
 """
 import io
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
-with tarfile.open(Path(__file__).with_name("demo_labels.tgz")) as tar:
+source = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("demo_labels.tgz")
+with tarfile.open(source) as tar:
     def load(name):
         return np.load(io.BytesIO(tar.extractfile(name).read()))
     labels, cluster = load("oracle/labels.npz"), load("cluster.npy")
