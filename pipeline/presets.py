@@ -35,7 +35,8 @@ class Preset:
     # --gradient-alignment` turns it on. per_unit_gradient: fit the scorer to each label
     # divided by its row's gradient norm in the inner Adam's geometry
     # (scorer.preconditioned_gradient_norms; `mgd run --per-unit-gradient`), off in every
-    # preset until it has run on the H200 (CPU: bench/results/cpu_2026-11-29_label_magnitude).
+    # preset: no better on CPU (bench/results/cpu_2026-11-29_label_magnitude) nor on the
+    # H200's demo labels (bench/results/h200_2026-11-29e).
     scorer: dict = field(default_factory=lambda: {"regressors": ("ridge", "mlp"),
                                                   "mlp_hidden": 256, "holdout_fraction": 0.2,
                                                   "loss_feature": True, "alignment_feature": True,
@@ -81,8 +82,8 @@ def smoke() -> Preset:
 
 def demo() -> Preset:
     """The demonstration on one H200, at most 8 minutes end to end (measured there:
-    359 s with the alignment features and one perplexity-correlations population per
-    seed, bench/results/h200_2026-11-29d).
+    359 and 386 s with the alignment features and one perplexity-correlations population
+    per seed, bench/results/h200_2026-11-29d and h200_2026-11-29e).
 
     28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
     256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models
@@ -106,8 +107,8 @@ def demo() -> Preset:
         population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
         continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
         feature_batch=512, loss_batch=512,
-        expected_time="about 6 minutes on one H200 (359 s measured 2026-11-29), the largest "
-                      "part the oracle, then perplexity correlations' populations, DSIR's "
+        expected_time="about 6-7 minutes on one H200 (359 s and 386 s measured "
+                      "2026-11-29), the largest part the oracle, then perplexity correlations' populations, DSIR's "
                       "single-process n-gram pass and continued pretraining",
     )
 
