@@ -25,6 +25,16 @@ def _budget(text: str) -> float:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -63,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the scorer to each oracle label divided by its sequence's "
                         "gradient norm in the inner Adam's geometry (default: the preset's "
                         "setting, off)")
+    r.add_argument("--target-modes", type=_nonnegative_int, metavar="M",
+                   help="stratify the distilled selection by M modes of the target set "
+                        "(k-means on the base model's hidden states; each mode's quota of "
+                        "the budget follows its share of the target, filled by the score); "
+                        "0: the score's top k (default: the preset's setting, 0)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--quiet", action="store_true", help="no output except errors")
     return parser
@@ -77,7 +92,7 @@ def main(argv=None) -> int:
             run(args.preset, out=args.out, ontarget=args.ontarget, offtarget=args.offtarget,
                 target=args.target, budget=args.budget, seeds=args.seeds,
                 attention_impl=args.attention_impl, gradient_alignment=args.gradient_alignment,
-                per_unit_gradient=args.per_unit_gradient,
+                per_unit_gradient=args.per_unit_gradient, target_modes=args.target_modes,
                 progress=not args.no_progress,
                 quiet=args.quiet)
         except (FileNotFoundError, ValueError) as err:

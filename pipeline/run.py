@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from mgd.pipeline import artifacts, presets as presets_mod
-from mgd.pipeline.selection import budget_to_count, composition, top_k
+from mgd.pipeline.selection import (budget_to_count, composition, stratified_top_k,
+                                    target_modes, top_k)
 
 OURS = "metagrad_distilled"
 METHODS = (OURS, "oracle_labels", "random", "low_perplexity", "ppl_correlations", "dsir",
@@ -61,7 +62,8 @@ def resolve_sources(ontarget=None, offtarget=None, env=None):
 
 
 def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=None, seeds=None,
-               attention_impl=None, gradient_alignment=None, per_unit_gradient=None) -> dict:
+               attention_impl=None, gradient_alignment=None, per_unit_gradient=None,
+               target_modes=None) -> dict:
     """Everything that determines the run's results, as plain JSON."""
     p = presets_mod.get(preset) if isinstance(preset, str) else preset
     on, off = resolve_sources(ontarget, offtarget)
@@ -79,6 +81,11 @@ def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=Non
         plan["scorer"] = {**plan["scorer"], "gradient_alignment": bool(gradient_alignment)}
     if per_unit_gradient is not None:
         plan["scorer"] = {**plan["scorer"], "per_unit_gradient": bool(per_unit_gradient)}
+    if target_modes is not None:
+        if not 0 <= int(target_modes) <= plan["corpus"]["n_target"]:
+            raise ValueError(f"--target-modes must be between 0 and the target set's "
+                             f"{plan['corpus']['n_target']} sequences, got {target_modes}")
+        plan["target_modes"] = int(target_modes)
     # Exactly what plan.json will hold (tuples become lists), so a re-run compares equal.
     return json.loads(json.dumps(plan))
 
@@ -185,13 +192,14 @@ class _Log:
 
 def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None, budget=None,
         seeds=None, attention_impl=None, gradient_alignment=None, per_unit_gradient=None,
-        progress=True, quiet=False, methods=METHODS):
+        target_modes=None, progress=True, quiet=False, methods=METHODS):
     """Run (or resume) the experiment; returns the per-method summary DataFrame.
     `gradient_alignment` and `per_unit_gradient` (True/False) override the preset's
-    scorer settings of those names."""
+    scorer settings of those names, `target_modes` (an int) its selection rule."""
     plan = build_plan(preset, ontarget=ontarget, offtarget=offtarget, target=target,
                       budget=budget, seeds=seeds, attention_impl=attention_impl,
-                      gradient_alignment=gradient_alignment, per_unit_gradient=per_unit_gradient)
+                      gradient_alignment=gradient_alignment, per_unit_gradient=per_unit_gradient,
+                      target_modes=target_modes)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
@@ -373,7 +381,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
 
     # -- report --------------------------------------------------------------------------
     from mgd.pipeline import report as report_mod
-    top10 = top_k(scored["scores"], max(1, round(0.1 * n)))
+    top10 = _distilled_pick(ctx, max(1, round(0.1 * n)))
     top_share = float(composition(top10, corpus.cluster, 3)[0])
     st = artifacts.stage(run_dir, "report")
     if st.done and trained_now:
@@ -393,6 +401,9 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
                 meta={"preset": plan["name"], "sequences": n, "seq_len": seq_len,
                       "budget": f"{k} sequences ({k * seq_len} tokens)",
                       "seeds": plan["seeds"], "oracle labeled rows": len(labels.indices),
+                      "distilled selection": (
+                          f"stratified by {plan['target_modes']} modes of the target set"
+                          if plan.get("target_modes") else "top k of the distilled score"),
                       "on-target share of the distilled top 10%": f"{100 * top_share:.1f}%"})
     # The report's files also sit at the top of the run folder, where people look.
     for f in sorted(st.path.iterdir()):
@@ -438,7 +449,12 @@ def _select(method, ctx):
     n = corpus.tokens.shape[0]
     seeds = range(plan["seeds"])
     if method == OURS:
-        return top_k(ctx["scores"], k), {"scores": ctx["scores"]}, {}
+        info = {}
+        if plan.get("target_modes"):
+            _, share = _target_mode_assignment(ctx)
+            info = {"rule": f"stratified by {len(share)} target modes",
+                    "target_mode_share": [round(float(x), 4) for x in share]}
+        return _distilled_pick(ctx, k), {"scores": ctx["scores"]}, info
     if method == "oracle_labels":
         from mgd.pipeline.baselines import oracle_labels
         idx = oracle_labels.select(n, ctx["labels"].indices, ctx["labels"].scores, k)
@@ -512,6 +528,29 @@ def _population_stage(ctx, seed: int = 0):
                                          target_error=y, mixtures=mix, domains=domains)
     a = artifacts.load_arrays(st.path / "population.npz")
     return a["bpb"].astype(np.float64), a["target_error"]
+
+
+def _distilled_pick(ctx, k):
+    """The distilled selection of k rows: the score's top k, or stratified by the
+    target's modes when the plan asks for them."""
+    if not ctx["plan"].get("target_modes"):
+        return top_k(ctx["scores"], k)
+    mode_of_row, share = _target_mode_assignment(ctx)
+    return stratified_top_k(ctx["scores"], mode_of_row, share, k)
+
+
+def _target_mode_assignment(ctx):
+    """(mode of each corpus row, the modes' shares of the target), computed once per run
+    from the base model's mean-pooled hidden states (the scorer's first columns)."""
+    if "_target_mode_assignment" not in ctx:
+        from mgd.pipeline import scorer as scorer_mod
+        m = ctx["plan"]["target_modes"]
+        ctx["log"](f"select: {m} modes of the target set")
+        target = scorer_mod.extract_features(ctx["base"], ctx["corpus"].target_tokens,
+                                             ctx["model_cfg"], batch_size=ctx["plan"]["feature_batch"],
+                                             progress=False)
+        ctx["_target_mode_assignment"] = target_modes(target, ctx["feats"], m, seed=0)
+    return ctx["_target_mode_assignment"]
 
 
 def _target_texts(ctx):

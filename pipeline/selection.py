@@ -71,3 +71,56 @@ def composition(indices, cluster, n_clusters: int = 3) -> np.ndarray:
     picked = cluster[np.asarray(indices)]
     counts = np.bincount(picked.astype(np.int64), minlength=n_clusters)[:n_clusters]
     return counts / max(1, picked.shape[0])
+
+
+def target_modes(target_features, corpus_features, n_modes: int, seed: int = 0):
+    """(mode of each corpus row [N], each mode's share of the target set [n_modes]).
+
+    k-means on the target set's features, standardized by the target's own spread; each
+    corpus row goes to its nearest mode in that space. The modes are the kinds of text
+    the target holds (on PubMed, e.g. clinical trials and cell biology), found without
+    labels.
+    """
+    from sklearn.cluster import KMeans
+    t = np.asarray(target_features, np.float64)
+    x = np.asarray(corpus_features, np.float64)
+    if t.ndim != 2 or x.ndim != 2 or t.shape[1] != x.shape[1]:
+        raise ValueError(f"target_features {t.shape} and corpus_features {x.shape} must be "
+                         f"2-D with the same width")
+    if not 1 <= n_modes <= t.shape[0]:
+        raise ValueError(f"n_modes must be between 1 and the target's {t.shape[0]} rows, "
+                         f"got {n_modes}")
+    mu, sd = t.mean(0), t.std(0)
+    sd = np.where(sd > 1e-12, sd, 1.0)
+    km = KMeans(n_clusters=n_modes, n_init=8, random_state=seed).fit((t - mu) / sd)
+    share = np.bincount(km.labels_, minlength=n_modes) / t.shape[0]
+    return km.predict((x - mu) / sd).astype(np.int64), share
+
+
+def stratified_top_k(scores, mode_of_row, share, k: int) -> np.ndarray:
+    """k rows whose mix over modes follows `share`: each mode's quota (k x share, whole
+    rows by largest remainder) is filled by its highest scores; what a mode cannot fill
+    goes to the highest scores left anywhere. Plain `top_k` ranks across modes and piles
+    onto whichever mode the score favours; this keeps the score's ranking inside each."""
+    scores = np.asarray(scores, dtype=np.float64)
+    mode_of_row = np.asarray(mode_of_row)
+    share = np.asarray(share, dtype=np.float64)
+    if mode_of_row.shape != scores.shape:
+        raise ValueError(f"mode_of_row {mode_of_row.shape} must match scores {scores.shape}")
+    if share.ndim != 1 or (share < 0).any() or not np.isclose(share.sum(), 1.0):
+        raise ValueError(f"share must be a 1-D distribution over modes, got {share}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    quota = np.floor(share * k).astype(np.int64)
+    short = k - int(quota.sum())
+    quota[np.argsort(-(share * k - quota), kind="stable")[:short]] += 1
+    picks: list[int] = []
+    for m, q in enumerate(quota):
+        rows = np.flatnonzero((mode_of_row == m) & np.isfinite(scores))
+        if q and rows.size:
+            picks.extend(top_k(scores, min(int(q), rows.size), candidates=rows).tolist())
+    if len(picks) < k:
+        rest = scores.copy()
+        rest[picks] = np.nan
+        picks.extend(top_k(rest, k - len(picks)).tolist())
+    return np.asarray(picks, np.int64)

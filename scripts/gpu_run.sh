@@ -26,6 +26,8 @@
 #   demo_gradient  the demo again with `--gradient-alignment`, on a copy of the finished
 #             demo run (only the scorer's stages are redone)
 #   demo_per_unit  the same with `--per-unit-gradient`
+#   demo_modes the same with `--target-modes=4` (the distilled selection stratified by
+#             four modes of the target set)
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
 # fills both), with the whole call under its ten minutes:
@@ -242,12 +244,13 @@ demo_variant() {  # NAME FLAG: the demo's scorer stages again with FLAG
 
 part_demo_gradient() { demo_variant gradient --gradient-alignment; }
 part_demo_per_unit() { demo_variant per_unit --per-unit-gradient; }
+part_demo_modes() { demo_variant modes --target-modes=4; }
 
-parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit}
+parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes}
 for part in $parts; do
   case $part in
-    tune|tests|variants|bench|e2e|nvtx|oracle|demo|demo_gradient|demo_per_unit) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit)"; exit 2 ;;
+    tune|tests|variants|bench|e2e|nvtx|oracle|demo|demo_gradient|demo_per_unit|demo_modes) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes)"; exit 2 ;;
   esac
 done
 

@@ -35,8 +35,18 @@ def test_cli_scorer_switches_reach_the_plan(setting):
     assert build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f")["scorer"][setting] is False
 
 
+def test_cli_target_modes_reach_the_plan():
+    parse = lambda *a: build_parser().parse_args(["run", *a]).target_modes  # noqa: E731
+    assert (parse(), parse("--target-modes", "4"), parse("--target-modes=0")) == (None, 4, 0)
+    plan = lambda **kw: build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", **kw)  # noqa: E731
+    assert plan()["target_modes"] == 0 and plan(target_modes=4)["target_modes"] == 4
+    for bad in (-1, 65):                       # the smoke target set has 64 sequences
+        with pytest.raises(ValueError, match="target-modes"):
+            plan(target_modes=bad)
+
+
 @pytest.mark.parametrize("bad", [["--budget", "0"], ["--budget", "x"], ["--seeds", "0"],
-                                 ["--preset", "huge"]])
+                                 ["--preset", "huge"], ["--target-modes", "-1"]])
 def test_cli_rejects_bad_options(bad, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["run", *bad])
@@ -234,3 +244,27 @@ def test_per_unit_gradient_variant_fits_the_scaled_labels_and_reports_against_th
     assert summary["heldout_spearman_vs_labels"] == pytest.approx(want)
     report = (variant / "report.md").read_text()
     assert f"{want:.3f}" in report.split("## Demo bar")[1].splitlines()[2]
+
+
+@needs_data
+def test_target_modes_variant_stratifies_the_distilled_selection(smoke_run, tmp_path):
+    """With --target-modes the distilled selection holds each target mode's quota of the
+    budget, filled by the score inside the mode, and says so in its info and report."""
+    from mgd.pipeline import artifacts, selection
+    from mgd.pipeline.run import copy_for_scorer_variant, run
+    out, _ = smoke_run
+    variant = tmp_path / "modes"
+    copy_for_scorer_variant(out, variant)
+    run("smoke", out=variant, ontarget=DATA / "ontarget.jsonl.gz",
+        offtarget=DATA / "offtarget.jsonl.gz", target_modes=3, quiet=True,
+        methods=("metagrad_distilled", "random"))
+    info = json.loads((variant / "select-metagrad_distilled" / "info.json").read_text())
+    share = np.array(info["target_mode_share"])
+    assert info["rule"] == "stratified by 3 target modes" and len(share) == 3
+    assert share.sum() == pytest.approx(1, abs=1e-3) and (share > 0).all()
+    picked = artifacts.load_arrays(variant / "select-metagrad_distilled" / "selection.npz")["indices"][0]
+    scores = artifacts.load_arrays(variant / "scorer" / "scores.npz")["scores"]
+    assert len(set(picked.tolist())) == info["k"]
+    # Not the plain top k: a quota reaches below it (else the rule did nothing here).
+    assert set(picked.tolist()) != set(selection.top_k(scores, info["k"]).tolist())
+    assert "stratified by 3 modes of the target set" in (variant / "report.md").read_text()

@@ -133,6 +133,58 @@ def test_top_k_respects_candidates_and_composition_counts_clusters():
         selection.top_k(np.array([1.0, np.nan]), 2)
 
 
+@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(1, 5))
+def test_stratified_top_k_fills_each_modes_quota_with_its_best_rows(seed, k, n_modes):
+    rng = np.random.default_rng(seed)
+    n = 60
+    scores = rng.normal(size=n).round(1)            # ties on purpose
+    mode = rng.integers(0, n_modes, n)
+    share = rng.dirichlet(np.ones(n_modes))
+    got = selection.stratified_top_k(scores, mode, share, k)
+    assert len(got) == k and len(set(got.tolist())) == k
+    exact = share * k
+    quota = np.floor(exact).astype(int)
+    quota[np.argsort(-(exact - quota), kind="stable")[:k - quota.sum()]] += 1
+    assert quota.sum() == k and np.all(np.abs(quota - exact) < 1)
+    for m in range(n_modes):
+        rows = [i for i in range(n) if mode[i] == m]
+        ranked = sorted(rows, key=lambda i: (-scores[i], i))
+        mine = [i for i in got.tolist() if mode[i] == m]
+        # at least its quota (or all it has); whatever it holds is a prefix of its ranking
+        assert len(mine) >= min(quota[m], len(rows))
+        assert sorted(mine, key=lambda i: (-scores[i], i)) == ranked[:len(mine)]
+    if all(np.sum(mode == m) >= quota[m] for m in range(n_modes)):
+        assert [int(np.sum(mode[got] == m)) for m in range(n_modes)] == quota.tolist()
+
+
+def test_stratified_top_k_with_one_mode_is_the_top_k_and_checks_its_inputs():
+    scores = np.random.default_rng(0).normal(size=30)
+    np.testing.assert_array_equal(
+        np.sort(selection.stratified_top_k(scores, np.zeros(30, int), np.array([1.0]), 7)),
+        np.sort(selection.top_k(scores, 7)))
+    with pytest.raises(ValueError, match="mode_of_row"):
+        selection.stratified_top_k(scores, np.zeros(29, int), np.array([1.0]), 3)
+    with pytest.raises(ValueError, match="share"):
+        selection.stratified_top_k(scores, np.zeros(30, int), np.array([0.5, 0.2]), 3)
+
+
+def test_target_modes_find_planted_kinds_of_text_and_their_shares():
+    rng = np.random.default_rng(1)
+    centers = np.array([[4.0, 0, 0, 0], [-4.0, 0, 0, 0]])
+    kind_t = np.r_[np.zeros(60, int), np.ones(20, int)]          # the target: 75% / 25%
+    target = centers[kind_t] + rng.normal(size=(80, 4))
+    kind_c = rng.integers(0, 2, 200)
+    corpus = centers[kind_c] + rng.normal(size=(200, 4))
+    mode, share = selection.target_modes(target, corpus, 2)
+    big = int(np.argmax(share))
+    np.testing.assert_allclose(sorted(share), [0.25, 0.75])
+    assert np.mean((mode == big) == (kind_c == 0)) > 0.98
+    with pytest.raises(ValueError, match="n_modes"):
+        selection.target_modes(target, corpus, 81)
+    with pytest.raises(ValueError, match="same width"):
+        selection.target_modes(target, corpus[:, :3], 2)
+
+
 def test_random_subset_is_seeded_and_distinct():
     a = selection.random_subset(100, 10, seed=3)
     assert len(set(a)) == 10 and list(a) == list(selection.random_subset(100, 10, seed=3))
