@@ -80,6 +80,11 @@ export MGD_COMMIT=${MGD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown
     --format=csv
 } > "$OUT/env.txt" 2>&1
 
+# Files that come back beside results.tgz rather than in it (over its size otherwise):
+# the demo run's snapshot.
+snapshot=/tmp/mgd_run_snapshot
+rm -rf "$snapshot"
+
 stamp "setup (install in place, CUDA build)"
 source scripts/device_setup.sh > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__)" >> "$OUT/env.txt" 2>&1
@@ -220,6 +225,11 @@ part_demo() {
   (cd "$run_dir" 2>/dev/null \
     && python3 -c "import numpy as np; np.save('cluster.npy', np.load('corpus/arrays.npz')['cluster'])" \
     && tar -czf "$OUT/demo_labels.tgz" $(ls oracle/labels.npz scorer/scores.npz cluster.npy 2>/dev/null)) || true
+  # The base model, its Adam second moment and the scorer's features in bfloat16 (10,
+  # 10 and 14 MiB for the demo), so that selections can be studied and retrained on
+  # CPU; they come back beside results.tgz (scripts/run_snapshot.py unpacks them).
+  python3 scripts/run_snapshot.py pack "$run_dir" "$snapshot" \
+    && stamp "run snapshot: $(du -sh "$snapshot" | cut -f1) returned beside results.tgz"
 }
 
 demo_variant() {  # NAME FLAG: the demo's scorer stages again with FLAG
@@ -255,10 +265,11 @@ for part in $parts; do
 done
 
 stamp "done"
-# Few files come back from the device: all but the summary (and XLA's cache, up to
-# 16 MiB a file) travel as one archive.
+# Few files come back from the device: all but the summary (and XLA's cache and the
+# base snapshot, up to 16 MiB a file) travel as one archive.
 cp "$OUT/summary.log" /tmp/mgd_summary.log
 if [ -f "$OUT/xla_cache.tgz" ]; then mv "$OUT/xla_cache.tgz" /tmp/mgd_xla_cache.tgz; fi
 tar -C "$OUT" -czf /tmp/mgd_results.tgz . && rm -rf "${OUT:?}"/* \
   && mv /tmp/mgd_results.tgz "$OUT/results.tgz" && mv /tmp/mgd_summary.log "$OUT/summary.log"
 if [ -f /tmp/mgd_xla_cache.tgz ]; then mv /tmp/mgd_xla_cache.tgz "$OUT/xla_cache.tgz"; fi
+if [ -d "$snapshot" ]; then mv "$snapshot"/* "$OUT/"; fi
