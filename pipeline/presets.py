@@ -47,7 +47,7 @@ class Preset:
     # target_modes: 0 selects the distilled score's top k; M > 0 stratifies the selection
     # by M modes of the target set (selection.target_modes / stratified_top_k; `mgd run
     # --target-modes M`). Off in every preset until it has run on the H200 (CPU: ahead of
-    # the top k in 8 of 9 runs at M=4, bench/results/cpu_2026-11-29_target_modes).
+    # the top k in 11 of 12 runs at M=4, bench/results/cpu_2026-11-29_target_modes).
     target_modes: int = 0
     seeds: int = 3
     feature_batch: int = 256

@@ -26,8 +26,8 @@
 #   demo_gradient  the demo again with `--gradient-alignment`, on a copy of the finished
 #             demo run (only the scorer's stages are redone)
 #   demo_per_unit  the same with `--per-unit-gradient`
-#   demo_modes the same with `--target-modes=4` (the distilled selection stratified by
-#             four modes of the target set)
+#   demo_modes the same with `--target-modes=M` for M in $MGD_DEMO_MODES (4 16): the
+#             distilled selection stratified by M modes of the target set
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
 # fills both), with the whole call under its ten minutes:
@@ -254,7 +254,10 @@ demo_variant() {  # NAME FLAG: the demo's scorer stages again with FLAG
 
 part_demo_gradient() { demo_variant gradient --gradient-alignment; }
 part_demo_per_unit() { demo_variant per_unit --per-unit-gradient; }
-part_demo_modes() { demo_variant modes --target-modes=4; }
+part_demo_modes() {  # $MGD_DEMO_MODES: the mode counts, one variant each (4 and 16)
+  local m
+  for m in ${MGD_DEMO_MODES:-4 16}; do demo_variant "modes$m" "--target-modes=$m"; done
+}
 
 parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes}
 for part in $parts; do

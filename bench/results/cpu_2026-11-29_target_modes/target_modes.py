@@ -1,7 +1,7 @@
 """Top-k of the distilled score against a selection stratified by the target's modes, on
 finished runs.
 
-    python target_modes.py RUN_DIR [RUN_DIR ...] > target_modes.log
+    [MGD_MODES=2,4,8] python target_modes.py RUN_DIR [RUN_DIR ...] > target_modes.log
 
 Rule (`selection.target_modes` and `selection.stratified_top_k`, what `mgd run
 --target-modes M` does): k-means (M modes) on the target set's mean-pooled final hidden
@@ -14,6 +14,7 @@ budget and continued pretraining (3 seeds) as the run's methods, written into a 
 copy, never the run.
 """
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,10 @@ from mgd.pipeline.corpus import Corpus
 from mgd.pipeline.model import GPTConfig
 from mgd.pipeline.run import load_params
 from mgd.pipeline.selection import stratified_top_k, target_modes, top_k
+
+
+# The mode counts compared with the top k: $MGD_MODES (comma-separated), 2,4,8 by default.
+MODES = [int(m) for m in os.environ.get("MGD_MODES", "2,4,8").split(",")]
 
 
 def mean_result(run_dir, method, seeds):
@@ -48,7 +53,7 @@ for run_dir in map(Path, sys.argv[1:]):
     ref = {m: round(mean_result(run_dir, m, plan["seeds"]), 4)
            for m in ("oracle_ontarget", "ppl_correlations")}
     scratch = Path(tempfile.mkdtemp())
-    for rule, modes in (("top_k", None), ("modes_2", 2), ("modes_4", 4), ("modes_8", 8)):
+    for rule, modes in (("top_k", None),) + tuple((f"modes_{m}", m) for m in MODES):
         if modes is None:
             idx = top_k(scores, k)
         else:
