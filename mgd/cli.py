@@ -25,24 +25,17 @@ def _budget(text: str) -> float:
     return value
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return value
+def _int_at_least(minimum: int):
+    """An argparse type: an integer no smaller than `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget", type=_budget,
                    help="selection budget: fraction of the corpus (<= 1, default 0.1) or "
                         "training tokens (> 1)")
-    r.add_argument("--seeds", type=_positive_int, help="seeds per method (default 3)")
+    r.add_argument("--seeds", type=_int_at_least(1), help="seeds per method (default 3)")
     r.add_argument("--attention-impl", metavar="IMPL",
                    help="attention kernel: auto, xla, pallas, triton or cuda")
     r.add_argument("--gradient-alignment", action=argparse.BooleanOptionalAction, default=None,
@@ -73,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit the scorer to each oracle label divided by its sequence's "
                         "gradient norm in the inner Adam's geometry (default: the preset's "
                         "setting, off)")
-    r.add_argument("--target-modes", type=_nonnegative_int, metavar="M",
+    r.add_argument("--target-modes", type=_int_at_least(0), metavar="M",
                    help="stratify the distilled selection by M modes of the target set "
                         "(k-means on the base model's hidden states; each mode's quota of "
                         "the budget follows its share of the target, filled by the score); "

@@ -268,3 +268,24 @@ def test_target_modes_variant_stratifies_the_distilled_selection(smoke_run, tmp_
     # Not the plain top k: a quota reaches below it (else the rule did nothing here).
     assert set(picked.tolist()) != set(selection.top_k(scores, info["k"]).tolist())
     assert "stratified by 3 modes of the target set" in (variant / "report.md").read_text()
+
+
+@needs_data
+def test_offline_retraining_reproduces_the_runs_own_result(smoke_run, tmp_path):
+    """pipeline/offline.py, which the records in bench/results use: retraining the run's
+    own distilled selection gives the run's own result, and the corpus rebuilt from the
+    plan is the run's."""
+    from mgd.pipeline import artifacts, offline
+    out, _ = smoke_run
+    run = offline.load(out)
+    picked = artifacts.load_arrays(out / "select-metagrad_distilled" / "selection.npz")["indices"][0]
+    want = artifacts.read_json(out / "continued-metagrad_distilled-s1" / "result.json")["eval_loss"]
+    assert run.train(picked, 1) == pytest.approx(want, rel=1e-6)
+    stats = artifacts.read_json(out / "corpus" / "stats.json")
+    rebuilt = offline.rebuild_corpus(run.plan, DATA, tmp_path / "again", expected_stats=stats)
+    np.testing.assert_array_equal(rebuilt.tokens, run.corpus.tokens)
+    with pytest.raises(ValueError, match="differs from the run's"):
+        offline.rebuild_corpus(run.plan, DATA, tmp_path / "other",
+                               expected_stats={**stats, "n_sequences": -1})
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        offline.load(tmp_path)

@@ -6,22 +6,15 @@ already chosen), on finished runs.
     python diverse_selection.py RUN_DIR [RUN_DIR ...] > diverse_selection.log
 
 Each run's own base model, corpus, features and distilled scores; the same continued
-pretraining (3 seeds) as the run's methods, written into a scratch copy, never the run.
+pretraining (3 seeds) as the run's methods (`pipeline/offline.py`; nothing is written).
 One JSON line per run and rule: evaluation loss mean and spread, on-target share, and the
 run's on-target oracle and perplexity-correlations results for reference.
 """
-import json
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from mgd.pipeline import artifacts, continued as cont
-from mgd.pipeline.corpus import Corpus
-from mgd.pipeline.model import GPTConfig
-from mgd.pipeline.run import load_params
+from mgd.pipeline import offline
 from mgd.pipeline.selection import top_k
 
 
@@ -41,38 +34,16 @@ def mmr(z, features, k, weight):
     return np.array(picks, np.int64)
 
 
-def mean_result(run_dir, method, seeds):
-    return float(np.mean([json.loads((run_dir / f"continued-{method}-s{s}" / "result.json")
-                                     .read_text())["eval_loss"] for s in range(seeds)]))
-
-
-for run_dir in map(Path, sys.argv[1:]):
-    plan = json.loads((run_dir / "plan.json").read_text())
-    corpus = Corpus.load(run_dir)
-    cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=corpus.seq_len, **plan["model"])
-    base = load_params(run_dir / "base" / "params.npz", cfg)
-    scores = artifacts.load_arrays(run_dir / "scorer" / "scores.npz")["scores"].astype(np.float64)
-    feats = artifacts.load_arrays(run_dir / "features" / "features.npz")
-    features = np.asarray(feats[next(iter(feats))], np.float64)
+for run_dir in sys.argv[1:]:
+    run = offline.load(run_dir)
+    scores = run.distilled_scores()
     z = (scores - scores.mean()) / scores.std()
-    k = json.loads((run_dir / "select-metagrad_distilled" / "info.json").read_text())["k"]
-    base_eval = json.loads((run_dir / "base" / "summary.json").read_text())["eval_loss"]
-    ref = {m: round(mean_result(run_dir, m, plan["seeds"]), 4)
-           for m in ("oracle_ontarget", "ppl_correlations")}
-    scratch = Path(tempfile.mkdtemp())
+    features = run.features()
+    ref = {m: round(run.mean_eval_loss(m), 4) for m in ("oracle_ontarget", "ppl_correlations")}
     for rule, weight in (("top_k", None), ("mmr_w0.25", 0.25), ("mmr_w0.5", 0.5),
                          ("mmr_w1", 1.0), ("mmr_w2", 2.0)):
-        idx = top_k(z, k) if weight is None else mmr(z, features, k, weight)
-        losses = []
-        for s in range(plan["seeds"]):
-            res, _ = cont.run_stage(scratch, rule, s, base_params=base, tokens=corpus.tokens,
-                                    indices=idx, budget_rows=k, eval_tokens=corpus.eval_tokens,
-                                    model_cfg=cfg, cfg=cont.ContinuedConfig(**plan["continued"]),
-                                    progress=False, base_eval_loss=base_eval)
-            losses.append(res["eval_loss"])
-        print(json.dumps({"run": str(run_dir), "rule": rule,
-                          "eval_loss_mean": round(float(np.mean(losses)), 4),
-                          "eval_loss_std": round(float(np.std(losses, ddof=1)), 4),
-                          "ontarget_share": round(float(np.mean(corpus.cluster[idx] == 0)), 3),
-                          **ref}), flush=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+        idx = top_k(z, run.k) if weight is None else mmr(z, features, run.k, weight)
+        print(offline.summary_line(
+            run_dir, rule, run.train_seeds(idx),
+            ontarget_share=round(float(np.mean(run.corpus.cluster[idx] == 0)), 3), **ref),
+            flush=True)

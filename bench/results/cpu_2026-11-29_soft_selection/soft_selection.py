@@ -5,22 +5,15 @@ distilled score standardized over the corpus, on finished runs.
     python soft_selection.py RUN_DIR [RUN_DIR ...] > soft_selection.log
 
 Each run's own base model, corpus and distilled scores; the same continued pretraining
-(3 seeds) as the run's methods, written into a scratch copy, never the run. One JSON line
+(3 seeds) as the run's methods (`pipeline/offline.py`; nothing is written). One JSON line
 per run and rule: evaluation loss mean and spread, on-target share, and the run's
 on-target oracle for reference.
 """
-import json
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from mgd.pipeline import artifacts, continued as cont
-from mgd.pipeline.corpus import Corpus
-from mgd.pipeline.model import GPTConfig
-from mgd.pipeline.run import load_params
+from mgd.pipeline import offline
 from mgd.pipeline.selection import top_k
 
 
@@ -29,30 +22,16 @@ def gumbel_top_k(z, k, temperature, seed):
     return top_k(z / temperature + g, k)
 
 
-for run_dir in map(Path, sys.argv[1:]):
-    plan = json.loads((run_dir / "plan.json").read_text())
-    corpus = Corpus.load(run_dir)
-    cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=corpus.seq_len, **plan["model"])
-    base = load_params(run_dir / "base" / "params.npz", cfg)
-    scores = artifacts.load_arrays(run_dir / "scorer" / "scores.npz")["scores"].astype(np.float64)
+for run_dir in sys.argv[1:]:
+    run = offline.load(run_dir)
+    scores = run.distilled_scores()
     z = (scores - scores.mean()) / scores.std()
-    k = json.loads((run_dir / "select-metagrad_distilled" / "info.json").read_text())["k"]
-    base_eval = json.loads((run_dir / "base" / "summary.json").read_text())["eval_loss"]
-    oracle = [json.loads((run_dir / f"continued-oracle_ontarget-s{s}" / "result.json").read_text())
-              ["eval_loss"] for s in range(plan["seeds"])]
-    scratch = Path(tempfile.mkdtemp())
+    oracle = round(run.mean_eval_loss("oracle_ontarget"), 4)
     for rule, temperature in (("top_k", None), ("gumbel_t0.5", 0.5), ("gumbel_t1", 1.0)):
         losses, shares = [], []
-        for s in range(plan["seeds"]):
-            idx = top_k(z, k) if temperature is None else gumbel_top_k(z, k, temperature, s)
-            res, _ = cont.run_stage(scratch, rule, s, base_params=base, tokens=corpus.tokens,
-                                    indices=idx, budget_rows=k, eval_tokens=corpus.eval_tokens,
-                                    model_cfg=cfg, cfg=cont.ContinuedConfig(**plan["continued"]),
-                                    progress=False, base_eval_loss=base_eval)
-            losses.append(res["eval_loss"])
-            shares.append(float(np.mean(corpus.cluster[idx] == 0)))
-        print(json.dumps({"run": str(run_dir), "rule": rule, "eval_loss_mean": round(np.mean(losses), 4),
-                          "eval_loss_std": round(np.std(losses, ddof=1), 4),
-                          "ontarget_share": round(np.mean(shares), 3),
-                          "oracle_ontarget": round(np.mean(oracle), 4)}), flush=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+        for s in range(run.plan["seeds"]):
+            idx = top_k(z, run.k) if temperature is None else gumbel_top_k(z, run.k, temperature, s)
+            losses.append(run.train(idx, s))
+            shares.append(float(np.mean(run.corpus.cluster[idx] == 0)))
+        print(offline.summary_line(run_dir, rule, losses, ontarget_share=round(np.mean(shares), 3),
+                                   oracle_ontarget=oracle), flush=True)

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mgd.pipeline.corpus import CorpusConfig, build_corpus
+from mgd.pipeline import offline
 
 here = Path(__file__).parent
 plan = json.loads((here / "demo" / "plan.json").read_text())
-data = Path(os.environ["MGD_DATA_DIR"])
-cfg = {**plan["corpus"], "ontarget": str(data / "ontarget.jsonl.gz"),
-       "offtarget": str(data / "offtarget.jsonl.gz")}
-corpus = build_corpus(CorpusConfig(**cfg), Path(sys.argv[1]))
-stats = json.loads((Path(sys.argv[1]) / "corpus" / "stats.json").read_text())
-assert stats == json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()), \
-    "the rebuilt corpus differs from the run's"
+corpus = offline.rebuild_corpus(
+    plan, os.environ["MGD_DATA_DIR"], sys.argv[1],
+    expected_stats=json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()))
 with tarfile.open(here / "demo_labels.tgz") as tar:
     def load(name):
         return np.load(io.BytesIO(tar.extractfile(name).read()))

@@ -17,18 +17,15 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
-from mgd.pipeline.corpus import CorpusConfig, build_corpus
+from mgd.pipeline import offline
 
 here = Path(__file__).parent
 plan = json.loads((here / "demo" / "plan.json").read_text())
-data = Path(os.environ["MGD_DATA_DIR"])
-cfg = {**plan["corpus"], "ontarget": str(data / "ontarget.jsonl.gz"),
-       "offtarget": str(data / "offtarget.jsonl.gz")}
-corpus = build_corpus(CorpusConfig(**cfg), Path(sys.argv[1]))
-stats = json.loads((Path(sys.argv[1]) / "corpus" / "stats.json").read_text())
-assert stats == json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()), \
-    "the rebuilt corpus differs from the run's"
+corpus = offline.rebuild_corpus(
+    plan, os.environ["MGD_DATA_DIR"], sys.argv[1],
+    expected_stats=json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()))
 with tarfile.open(here / "demo_labels.tgz") as tar:
     scores = np.load(io.BytesIO(tar.extractfile("scorer/scores.npz").read()))["scores"]
     labels = np.load(io.BytesIO(tar.extractfile("oracle/labels.npz").read()))
@@ -98,7 +95,6 @@ print("share of tokens (target / eval / picks / random draw): " + "; ".join(
 # Do the labels themselves lean that way, or only the scorer? A fixed word list, not
 # fitted to anything: clinical minus basic-science tokens per row, against the oracle
 # label (labeled on-target rows) and the distilled score (all on-target rows).
-from scipy.stats import spearmanr
 clinical = ["Ġpatients", "Ġplacebo", "Ġtreatment", "Ġtreated", "Ġclinical", "Ġtrial",
             "Ġdose", "Ġtherapy", "Ġhospital", "Ġmortality"]
 basic = ["Ġcells", "Ġcell", "Ġprotein", "Ġexpression", "Ġgene", "Ġreceptor", "Ġrats",
