@@ -38,6 +38,17 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _quantile(text: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mgd.pipeline.presets import PRESETS
     parser = argparse.ArgumentParser(prog="mgd", description="MetaGrad-Distill")
@@ -70,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stratify the distilled selection by M modes of the target set "
                         "(k-means on the base model's hidden states; each mode's quota of "
                         "the budget follows its share of the target, filled by the score); "
-                        "0: the score's top k (default: the preset's setting, 0)")
+                        "0: the score's top k (default: the preset's setting)")
+    r.add_argument("--target-gate", type=_quantile, metavar="Q",
+                   help="gate the distilled selection by likeness to the target: rows "
+                        "farther from their target mode than the Q quantile of the "
+                        "target's own rows are taken only when no other row is left; "
+                        "0: off (default: the preset's setting)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--quiet", action="store_true", help="no output except errors")
     return parser
@@ -86,6 +102,7 @@ def main(argv=None) -> int:
                 target=args.target, budget=args.budget, seeds=args.seeds,
                 attention_impl=args.attention_impl, gradient_alignment=args.gradient_alignment,
                 per_unit_gradient=args.per_unit_gradient, target_modes=args.target_modes,
+                target_gate=args.target_gate,
                 progress=not args.no_progress,
                 quiet=args.quiet)
         except (FileNotFoundError, ValueError) as err:

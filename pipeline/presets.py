@@ -44,11 +44,17 @@ class Preset:
                                                   "per_unit_gradient": False})
     dsir: dict = field(default_factory=lambda: {"ngrams": 2, "num_buckets": 10_000})
     budget: float = 0.10          # fraction of the corpus (<= 1) or training tokens (> 1)
-    # target_modes: 0 selects the distilled score's top k; M > 0 stratifies the selection
-    # by M modes of the target set (selection.target_modes / stratified_top_k; `mgd run
-    # --target-modes M`). Off in every preset until it has run on the H200 (CPU: ahead of
-    # the top k in 11 of 12 runs at M=4, bench/results/cpu_2026-11-29_target_modes).
-    target_modes: int = 0
+    # The distilled selection's rule (`run.distilled_rule`). target_modes: 0 takes the
+    # score's top k; M > 0 stratifies the selection by M modes of the target set
+    # (selection.fit_target_modes / stratified_top_k; `mgd run --target-modes M`): ahead
+    # of the top k in 11 of 12 CPU runs at M=4 (bench/results/cpu_2026-11-29_target_modes)
+    # and on the H200 demo's labels (bench/results/h200_2026-11-29f).
+    # target_gate: rows farther from their target mode than this quantile of the
+    # target's own rows are taken only when no other row is left (`--target-gate Q`;
+    # 0: off): ahead of the ungated modes in 9 of 12 CPU runs at 0.99
+    # (bench/results/cpu_2026-11-29_target_gate).
+    target_modes: int = 4
+    target_gate: float = 0.99
     seeds: int = 3
     feature_batch: int = 256
     loss_batch: int = 256

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from mgd.pipeline import artifacts, presets as presets_mod
-from mgd.pipeline.selection import (budget_to_count, composition, stratified_top_k,
-                                    target_modes, top_k)
+from mgd.pipeline.selection import (budget_to_count, composition, fit_target_modes,
+                                    stratified_top_k, top_k)
 
 OURS = "metagrad_distilled"
 METHODS = (OURS, "oracle_labels", "random", "low_perplexity", "ppl_correlations", "dsir",
@@ -63,7 +63,7 @@ def resolve_sources(ontarget=None, offtarget=None, env=None):
 
 def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=None, seeds=None,
                attention_impl=None, gradient_alignment=None, per_unit_gradient=None,
-               target_modes=None) -> dict:
+               target_modes=None, target_gate=None) -> dict:
     """Everything that determines the run's results, as plain JSON."""
     p = presets_mod.get(preset) if isinstance(preset, str) else preset
     on, off = resolve_sources(ontarget, offtarget)
@@ -86,6 +86,10 @@ def build_plan(preset, *, ontarget=None, offtarget=None, target=None, budget=Non
             raise ValueError(f"--target-modes must be between 0 and the target set's "
                              f"{plan['corpus']['n_target']} sequences, got {target_modes}")
         plan["target_modes"] = int(target_modes)
+    if target_gate is not None:
+        if not 0 <= float(target_gate) <= 1:
+            raise ValueError(f"--target-gate must be a quantile in [0, 1] (0: off), got {target_gate}")
+        plan["target_gate"] = float(target_gate)
     # Exactly what plan.json will hold (tuples become lists), so a re-run compares equal.
     return json.loads(json.dumps(plan))
 
@@ -192,14 +196,14 @@ class _Log:
 
 def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None, budget=None,
         seeds=None, attention_impl=None, gradient_alignment=None, per_unit_gradient=None,
-        target_modes=None, progress=True, quiet=False, methods=METHODS):
+        target_modes=None, target_gate=None, progress=True, quiet=False, methods=METHODS):
     """Run (or resume) the experiment; returns the per-method summary DataFrame.
     `gradient_alignment` and `per_unit_gradient` (True/False) override the preset's
     scorer settings of those names, `target_modes` (an int) its selection rule."""
     plan = build_plan(preset, ontarget=ontarget, offtarget=offtarget, target=target,
                       budget=budget, seeds=seeds, attention_impl=attention_impl,
                       gradient_alignment=gradient_alignment, per_unit_gradient=per_unit_gradient,
-                      target_modes=target_modes)
+                      target_modes=target_modes, target_gate=target_gate)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {METHODS}")
@@ -401,9 +405,7 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
                 meta={"preset": plan["name"], "sequences": n, "seq_len": seq_len,
                       "budget": f"{k} sequences ({k * seq_len} tokens)",
                       "seeds": plan["seeds"], "oracle labeled rows": len(labels.indices),
-                      "distilled selection": (
-                          f"stratified by {plan['target_modes']} modes of the target set"
-                          if plan.get("target_modes") else "top k of the distilled score"),
+                      "distilled selection": distilled_rule(plan),
                       "on-target share of the distilled top 10%": f"{100 * top_share:.1f}%"})
     # The report's files also sit at the top of the run folder, where people look.
     for f in sorted(st.path.iterdir()):
@@ -449,11 +451,12 @@ def _select(method, ctx):
     n = corpus.tokens.shape[0]
     seeds = range(plan["seeds"])
     if method == OURS:
-        info = {}
-        if plan.get("target_modes"):
-            _, share = _target_mode_assignment(ctx)
-            info = {"rule": f"stratified by {len(share)} target modes",
-                    "target_mode_share": [round(float(x), 4) for x in share]}
+        info = {"rule": distilled_rule(plan)}
+        if plan.get("target_modes") or plan.get("target_gate"):
+            fit = _target_mode_fit(ctx)
+            info["target_mode_share"] = [round(float(x), 4) for x in fit.share]
+            if plan.get("target_gate"):
+                info["typical_rows"] = int(fit.typical(plan["target_gate"]).sum())
         return _distilled_pick(ctx, k), {"scores": ctx["scores"]}, info
     if method == "oracle_labels":
         from mgd.pipeline.baselines import oracle_labels
@@ -530,27 +533,41 @@ def _population_stage(ctx, seed: int = 0):
     return a["bpb"].astype(np.float64), a["target_error"]
 
 
+def distilled_rule(plan) -> str:
+    """The distilled selection's rule, in words, from the plan."""
+    modes, gate = plan.get("target_modes", 0), plan.get("target_gate", 0.0)
+    rule = (f"the score's top k in each of {modes} modes of the target set (quotas by the "
+            f"target's shares)" if modes else "the score's top k")
+    if gate:
+        rule += (f"; rows farther from the target's modes than its own rows' {gate:g} "
+                 f"quantile only when no other row is left")
+    return rule
+
+
 def _distilled_pick(ctx, k):
     """The distilled selection of k rows: the score's top k, or stratified by the
-    target's modes when the plan asks for them."""
-    if not ctx["plan"].get("target_modes"):
+    target's modes and gated by likeness to the target, as the plan asks."""
+    plan = ctx["plan"]
+    if not plan.get("target_modes") and not plan.get("target_gate"):
         return top_k(ctx["scores"], k)
-    mode_of_row, share = _target_mode_assignment(ctx)
-    return stratified_top_k(ctx["scores"], mode_of_row, share, k)
+    fit = _target_mode_fit(ctx)
+    eligible = fit.typical(plan["target_gate"]) if plan.get("target_gate") else None
+    return stratified_top_k(ctx["scores"], fit.mode_of_row, fit.share, k, eligible)
 
 
-def _target_mode_assignment(ctx):
-    """(mode of each corpus row, the modes' shares of the target), computed once per run
-    from the base model's mean-pooled hidden states (the scorer's first columns)."""
-    if "_target_mode_assignment" not in ctx:
+def _target_mode_fit(ctx):
+    """`selection.TargetModes` of the plan's target modes (one mode when only the gate
+    is asked for), computed once per run from the base model's mean-pooled hidden
+    states (the scorer's first columns)."""
+    if "_target_mode_fit" not in ctx:
         from mgd.pipeline import scorer as scorer_mod
-        m = ctx["plan"]["target_modes"]
-        ctx["log"](f"select: {m} modes of the target set")
+        m = max(1, ctx["plan"].get("target_modes", 0))
+        ctx["log"](f"select: {m} mode{'s' if m > 1 else ''} of the target set")
         target = scorer_mod.extract_features(ctx["base"], ctx["corpus"].target_tokens,
                                              ctx["model_cfg"], batch_size=ctx["plan"]["feature_batch"],
                                              progress=False)
-        ctx["_target_mode_assignment"] = target_modes(target, ctx["feats"], m, seed=0)
-    return ctx["_target_mode_assignment"]
+        ctx["_target_mode_fit"] = fit_target_modes(target, ctx["feats"], m, seed=0)
+    return ctx["_target_mode_fit"]
 
 
 def _target_texts(ctx):

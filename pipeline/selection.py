@@ -6,6 +6,7 @@ fraction of the corpus (0 < b <= 1) or as a number of training tokens (b > 1).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -73,14 +74,28 @@ def composition(indices, cluster, n_clusters: int = 3) -> np.ndarray:
     return counts / max(1, picked.shape[0])
 
 
-def target_modes(target_features, corpus_features, n_modes: int, seed: int = 0):
-    """(mode of each corpus row [N], each mode's share of the target set [n_modes]).
+@dataclasses.dataclass(frozen=True)
+class TargetModes:
+    """The target set's modes and where the corpus sits among them (`fit_target_modes`)."""
+    mode_of_row: np.ndarray        # [N] each corpus row's nearest mode
+    share: np.ndarray              # [M] each mode's share of the target set
+    distance: np.ndarray           # [N] each corpus row's distance to its mode's centre
+    target_distance: np.ndarray    # [n_target] the same for the target's own rows
 
-    k-means on the target set's features, standardized by the target's own spread; each
-    corpus row goes to its nearest mode in that space. The modes are the kinds of text
-    the target holds (on PubMed, e.g. clinical trials and cell biology), found without
-    labels.
-    """
+    def typical(self, quantile: float) -> np.ndarray:
+        """[N] bool: rows no farther from their mode than the `quantile` of the target's
+        own rows are from theirs (0 < quantile <= 1): text the target holds something
+        like."""
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        return self.distance <= np.quantile(self.target_distance, quantile)
+
+
+def fit_target_modes(target_features, corpus_features, n_modes: int, seed: int = 0) -> TargetModes:
+    """k-means on the target set's features, standardized by the target's own spread;
+    each corpus row goes to its nearest mode in that space. The modes are the kinds of
+    text the target holds (on PubMed, e.g. clinical trials and cell biology), found
+    without labels."""
     from sklearn.cluster import KMeans
     t = np.asarray(target_features, np.float64)
     x = np.asarray(corpus_features, np.float64)
@@ -92,21 +107,42 @@ def target_modes(target_features, corpus_features, n_modes: int, seed: int = 0):
                          f"got {n_modes}")
     mu, sd = t.mean(0), t.std(0)
     sd = np.where(sd > 1e-12, sd, 1.0)
-    km = KMeans(n_clusters=n_modes, n_init=8, random_state=seed).fit((t - mu) / sd)
-    share = np.bincount(km.labels_, minlength=n_modes) / t.shape[0]
-    return km.predict((x - mu) / sd).astype(np.int64), share
+    t, x = (t - mu) / sd, (x - mu) / sd
+    km = KMeans(n_clusters=n_modes, n_init=8, random_state=seed).fit(t)
+    mode = km.predict(x).astype(np.int64)
+    return TargetModes(
+        mode_of_row=mode,
+        share=np.bincount(km.labels_, minlength=n_modes) / t.shape[0],
+        distance=np.linalg.norm(x - km.cluster_centers_[mode], axis=1),
+        target_distance=np.linalg.norm(t - km.cluster_centers_[km.labels_], axis=1))
 
 
-def stratified_top_k(scores, mode_of_row, share, k: int) -> np.ndarray:
+def target_modes(target_features, corpus_features, n_modes: int, seed: int = 0):
+    """(mode of each corpus row [N], each mode's share of the target set [n_modes]):
+    `fit_target_modes` without the distances."""
+    fit = fit_target_modes(target_features, corpus_features, n_modes, seed)
+    return fit.mode_of_row, fit.share
+
+
+def stratified_top_k(scores, mode_of_row, share, k: int, eligible=None) -> np.ndarray:
     """k rows whose mix over modes follows `share`: each mode's quota (k x share, whole
     rows by largest remainder) is filled by its highest scores; what a mode cannot fill
     goes to the highest scores left anywhere. Plain `top_k` ranks across modes and piles
-    onto whichever mode the score favours; this keeps the score's ranking inside each."""
+    onto whichever mode the score favours; this keeps the score's ranking inside each.
+
+    `eligible` ([N] bool, e.g. `TargetModes.typical`): only those rows fill the quotas
+    and the remainder; rows outside it are taken, by score, only when the eligible rows
+    run out."""
     scores = np.asarray(scores, dtype=np.float64)
     mode_of_row = np.asarray(mode_of_row)
     share = np.asarray(share, dtype=np.float64)
     if mode_of_row.shape != scores.shape:
         raise ValueError(f"mode_of_row {mode_of_row.shape} must match scores {scores.shape}")
+    if eligible is not None:
+        eligible = np.asarray(eligible)
+        if eligible.shape != scores.shape or eligible.dtype != bool:
+            raise ValueError(f"eligible must be a bool mask shaped like scores {scores.shape}, "
+                             f"got {eligible.dtype} {eligible.shape}")
     if share.ndim != 1 or (share < 0).any() or not np.isclose(share.sum(), 1.0):
         raise ValueError(f"share must be a 1-D distribution over modes, got {share}")
     if k <= 0:
@@ -114,13 +150,19 @@ def stratified_top_k(scores, mode_of_row, share, k: int) -> np.ndarray:
     quota = np.floor(share * k).astype(np.int64)
     short = k - int(quota.sum())
     quota[np.argsort(-(share * k - quota), kind="stable")[:short]] += 1
+    usable = np.isfinite(scores) & (True if eligible is None else eligible)
     picks: list[int] = []
     for m, q in enumerate(quota):
-        rows = np.flatnonzero((mode_of_row == m) & np.isfinite(scores))
+        rows = np.flatnonzero((mode_of_row == m) & usable)
         if q and rows.size:
             picks.extend(top_k(scores, min(int(q), rows.size), candidates=rows).tolist())
+    for pool in (usable, np.isfinite(scores)):   # what the quotas left: eligible rows first
+        if len(picks) < k:
+            rest = np.where(pool, scores, np.nan)
+            rest[picks] = np.nan
+            n_left = int(np.isfinite(rest).sum())
+            if n_left:
+                picks.extend(top_k(rest, min(k - len(picks), n_left)).tolist())
     if len(picks) < k:
-        rest = scores.copy()
-        rest[picks] = np.nan
-        picks.extend(top_k(rest, k - len(picks)).tolist())
+        raise ValueError(f"asked for {k} sequences but only {len(picks)} have a finite score")
     return np.asarray(picks, np.int64)

@@ -26,7 +26,11 @@
 #   demo_gradient  the demo again with `--gradient-alignment`, on a copy of the finished
 #             demo run (only the scorer's stages are redone)
 #   demo_per_unit  the same with `--per-unit-gradient`
-#   demo_modes the same with `--target-modes=M` for M in $MGD_DEMO_MODES (4 16): the
+#   demo_rules the same with the distilled selection's earlier rules: without the
+#             target gate (`--target-gate=0`), and the score's plain top k
+#             (`--target-modes=0 --target-gate=0`)
+#   demo_modes the same with `--target-modes=M` (and the preset's gate) for M in
+#             $MGD_DEMO_MODES (4 16): the
 #             distilled selection stratified by M modes of the target set
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -232,10 +236,11 @@ part_demo() {
     && stamp "run snapshot: $(du -sh "$snapshot" | cut -f1) returned beside results.tgz"
 }
 
-demo_variant() {  # NAME FLAG: the demo's scorer stages again with FLAG
+demo_variant() {  # NAME FLAG...: the demo's scorer stages again with the FLAGs
   # On a copy of the finished demo run (same corpus, base model, labels and baselines):
   # only the features, the scorer and the distilled selection's training are redone.
-  local name=$1 flag=$2 base=${MGD_RUNS_DIR:-runs}/demo run_dir=${MGD_RUNS_DIR:-runs}/demo-$1
+  local name=$1 base=${MGD_RUNS_DIR:-runs}/demo run_dir=${MGD_RUNS_DIR:-runs}/demo-$1
+  shift
   if [ ! -f "$base/results.csv" ]; then
     stamp "demo_$name: skipped (no finished demo run in $base; run the demo part first)"
     return 0
@@ -243,8 +248,8 @@ demo_variant() {  # NAME FLAG: the demo's scorer stages again with FLAG
   rm -rf "$run_dir"
   python3 -c "import sys; from mgd.pipeline.run import copy_for_scorer_variant as c; c(*sys.argv[1:])" \
     "$base" "$run_dir" || { stamp "demo_$name: copy failed"; return 0; }
-  capped 300 60 "demo preset, $flag" env MGD_DATA_DIR=.mgd-data \
-    python3 -m mgd.cli run --preset demo "$flag" --out "$run_dir" --no-progress \
+  capped 300 60 "demo preset, $*" env MGD_DATA_DIR=.mgd-data \
+    python3 -m mgd.cli run --preset demo "$@" --out "$run_dir" --no-progress \
     > "$OUT/demo_$name.log" 2>&1
   [ -d "$run_dir" ] && tar -C "$run_dir" -czf "$OUT/demo_${name}_run.tgz" --exclude='_ckpt' \
     --exclude='*.npz' --exclude='continued-*' --exclude='select-*' --exclude='population*' \
@@ -258,12 +263,16 @@ part_demo_modes() {  # $MGD_DEMO_MODES: the mode counts, one variant each (4 and
   local m
   for m in ${MGD_DEMO_MODES:-4 16}; do demo_variant "modes$m" "--target-modes=$m"; done
 }
+part_demo_rules() {  # the distilled selection's earlier rules on the same labels
+  demo_variant nogate --target-gate=0
+  demo_variant topk --target-modes=0 --target-gate=0
+}
 
-parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes}
+parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes demo_rules}
 for part in $parts; do
   case $part in
-    tune|tests|variants|bench|e2e|nvtx|oracle|demo|demo_gradient|demo_per_unit|demo_modes) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes)"; exit 2 ;;
+    tune|tests|variants|bench|e2e|nvtx|oracle|demo|demo_gradient|demo_per_unit|demo_modes|demo_rules) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes demo_rules)"; exit 2 ;;
   esac
 done
 

@@ -35,18 +35,28 @@ def test_cli_scorer_switches_reach_the_plan(setting):
     assert build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f")["scorer"][setting] is False
 
 
-def test_cli_target_modes_reach_the_plan():
-    parse = lambda *a: build_parser().parse_args(["run", *a]).target_modes  # noqa: E731
-    assert (parse(), parse("--target-modes", "4"), parse("--target-modes=0")) == (None, 4, 0)
+def test_cli_target_modes_and_gate_reach_the_plan():
+    from mgd.pipeline import presets
+    parse = lambda *a: build_parser().parse_args(["run", *a])  # noqa: E731
+    assert [parse(*a).target_modes for a in ((), ("--target-modes", "4"), ("--target-modes=0",))] \
+        == [None, 4, 0]
+    assert [parse(*a).target_gate for a in ((), ("--target-gate", "0.9"), ("--target-gate=0",))] \
+        == [None, 0.9, 0.0]
     plan = lambda **kw: build_plan("smoke", ontarget="hf:a:b:c", offtarget="hf:d:e:f", **kw)  # noqa: E731
-    assert plan()["target_modes"] == 0 and plan(target_modes=4)["target_modes"] == 4
+    smoke = presets.get("smoke")
+    assert (plan()["target_modes"], plan()["target_gate"]) == (smoke.target_modes, smoke.target_gate)
+    assert plan(target_modes=7)["target_modes"] == 7 and plan(target_gate=0.5)["target_gate"] == 0.5
     for bad in (-1, 65):                       # the smoke target set has 64 sequences
         with pytest.raises(ValueError, match="target-modes"):
             plan(target_modes=bad)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="target-gate"):
+            plan(target_gate=bad)
 
 
 @pytest.mark.parametrize("bad", [["--budget", "0"], ["--budget", "x"], ["--seeds", "0"],
-                                 ["--preset", "huge"], ["--target-modes", "-1"]])
+                                 ["--preset", "huge"], ["--target-modes", "-1"],
+                                 ["--target-gate", "1.5"], ["--target-gate", "x"]])
 def test_cli_rejects_bad_options(bad, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["run", *bad])
@@ -247,27 +257,44 @@ def test_per_unit_gradient_variant_fits_the_scaled_labels_and_reports_against_th
 
 
 @needs_data
-def test_target_modes_variant_stratifies_the_distilled_selection(smoke_run, tmp_path):
-    """With --target-modes the distilled selection holds each target mode's quota of the
-    budget, filled by the score inside the mode, and says so in its info and report."""
+@pytest.mark.parametrize("modes,gate", [(3, 0.0), (3, 0.5), (0, 0.5)])
+def test_target_modes_and_gate_variants_shape_the_distilled_selection(smoke_run, tmp_path,
+                                                                      modes, gate):
+    """With target modes the distilled selection holds each mode's quota of the budget,
+    filled by the score inside the mode; with the gate only rows like the target's own
+    are taken while they last; the info and the report say which rule ran."""
     from mgd.pipeline import artifacts, selection
-    from mgd.pipeline.run import copy_for_scorer_variant, run
+    from mgd.pipeline.run import copy_for_scorer_variant, distilled_rule, run
     out, _ = smoke_run
-    variant = tmp_path / "modes"
+    variant = tmp_path / "variant"
     copy_for_scorer_variant(out, variant)
     run("smoke", out=variant, ontarget=DATA / "ontarget.jsonl.gz",
-        offtarget=DATA / "offtarget.jsonl.gz", target_modes=3, quiet=True,
-        methods=("metagrad_distilled", "random"))
+        offtarget=DATA / "offtarget.jsonl.gz", target_modes=modes, target_gate=gate,
+        quiet=True, methods=("metagrad_distilled", "random"))
+    plan = json.loads((variant / "plan.json").read_text())
     info = json.loads((variant / "select-metagrad_distilled" / "info.json").read_text())
     share = np.array(info["target_mode_share"])
-    assert info["rule"] == "stratified by 3 target modes" and len(share) == 3
+    assert info["rule"] == distilled_rule(plan) and len(share) == max(modes, 1)
     assert share.sum() == pytest.approx(1, abs=1e-3) and (share > 0).all()
     picked = artifacts.load_arrays(variant / "select-metagrad_distilled" / "selection.npz")["indices"][0]
     scores = artifacts.load_arrays(variant / "scorer" / "scores.npz")["scores"]
-    assert len(set(picked.tolist())) == info["k"]
-    # Not the plain top k: a quota reaches below it (else the rule did nothing here).
-    assert set(picked.tolist()) != set(selection.top_k(scores, info["k"]).tolist())
-    assert "stratified by 3 modes of the target set" in (variant / "report.md").read_text()
+    k = info["k"]
+    assert len(set(picked.tolist())) == k
+    # Not the plain top k: a quota or the gate reaches below it (else the rule did nothing).
+    assert set(picked.tolist()) != set(selection.top_k(scores, k).tolist())
+    if gate:
+        from mgd.pipeline import scorer
+        from mgd.pipeline.offline import load
+        finished = load(variant)
+        target = scorer.extract_features(finished.base, finished.corpus.target_tokens,
+                                         finished.model_cfg, batch_size=plan["feature_batch"],
+                                         progress=False)
+        fit = selection.fit_target_modes(target, finished.features()[:, :finished.model_cfg.d_model],
+                                         max(modes, 1))
+        typical = fit.typical(gate)
+        assert info["typical_rows"] == int(typical.sum())
+        assert typical[picked].sum() == min(k, typical.sum())
+    assert distilled_rule(plan) in (variant / "report.md").read_text()
 
 
 @needs_data

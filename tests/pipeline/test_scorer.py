@@ -185,6 +185,53 @@ def test_target_modes_find_planted_kinds_of_text_and_their_shares():
         selection.target_modes(target, corpus[:, :3], 2)
 
 
+@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(1, 4), st.floats(0.0, 1.0))
+def test_stratified_top_k_takes_ineligible_rows_only_when_the_eligible_run_out(seed, k, n_modes,
+                                                                               frac):
+    rng = np.random.default_rng(seed)
+    n = 60
+    scores = rng.normal(size=n)
+    mode = rng.integers(0, n_modes, n)
+    share = rng.dirichlet(np.ones(n_modes))
+    eligible = rng.random(n) < frac
+    got = selection.stratified_top_k(scores, mode, share, k, eligible)
+    assert len(got) == k and len(set(got.tolist())) == k
+    n_ok = int(eligible.sum())
+    assert int(eligible[got].sum()) == min(k, n_ok)
+    if n_ok >= k:   # the same as the rule on the eligible rows alone
+        alone = selection.stratified_top_k(np.where(eligible, scores, np.nan), mode, share, k)
+        assert sorted(got.tolist()) == sorted(alone.tolist())
+    else:           # every eligible row, then the best of the rest
+        rest = sorted(np.flatnonzero(~eligible), key=lambda i: -scores[i])[:k - n_ok]
+        assert sorted(got.tolist()) == sorted(np.flatnonzero(eligible).tolist() + rest)
+
+
+def test_stratified_top_k_checks_its_eligible_mask():
+    scores = np.arange(10.0)
+    for bad in (np.ones(9, bool), np.ones(10, int)):
+        with pytest.raises(ValueError, match="eligible"):
+            selection.stratified_top_k(scores, np.zeros(10, int), np.array([1.0]), 3, bad)
+
+
+def test_typical_rows_are_those_as_close_to_a_target_mode_as_the_target_rows():
+    rng = np.random.default_rng(2)
+    centers = np.array([[5.0, 0, 0], [-5.0, 0, 0]])
+    target = centers[rng.integers(0, 2, 200)] + rng.normal(size=(200, 3))
+    near = centers[rng.integers(0, 2, 300)] + rng.normal(size=(300, 3))
+    far = rng.normal(size=(40, 3)) * 0.5 + np.array([0.0, 12.0, 0.0])   # unlike the target
+    fit = selection.fit_target_modes(target, np.r_[near, far], 2)
+    assert fit.distance.shape == (340,) and fit.target_distance.shape == (200,)
+    typical = fit.typical(0.99)
+    assert not typical[300:].any()                 # the outliers are out
+    assert 0.95 < typical[:300].mean() <= 1.0      # about 99% of target-like rows are in
+    assert typical[:300].mean() > fit.typical(0.5)[:300].mean()   # a tighter gate keeps fewer
+    # the target's own rows: exactly the quantile asked for (no ties in continuous data)
+    own = selection.fit_target_modes(target, target, 2)
+    assert own.typical(0.5).sum() == 100 and own.typical(1.0).all()
+    with pytest.raises(ValueError, match="quantile"):
+        fit.typical(0.0)
+
+
 def test_random_subset_is_seeded_and_distinct():
     a = selection.random_subset(100, 10, seed=3)
     assert len(set(a)) == 10 and list(a) == list(selection.random_subset(100, 10, seed=3))
