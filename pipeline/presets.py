@@ -117,6 +117,12 @@ def demo() -> Preset:
         population=dict(n_models=16, n_domains=8, rows_per_model=4096),
         population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
         continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
+        # The whole-model gradient alignment column: with the target-mode selection and
+        # its gate it trained best on the H200 demo's labels (bench/results/h200_2026-11-29f,
+        # call 3; a fresh run with it on by default, call 4).
+        scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 256, "holdout_fraction": 0.2,
+                "loss_feature": True, "alignment_feature": True, "gradient_alignment": True,
+                "per_unit_gradient": False},
         feature_batch=512, loss_batch=512,
         expected_time="about 6-7 minutes on one H200 (359 s and 386 s measured "
                       "2026-11-29), the largest part the oracle, then perplexity correlations' populations, DSIR's "
