@@ -31,7 +31,8 @@ class Preset:
     # gradient_alignment: append the whole model's (scorer.gradient_alignment; not a
     # forward-pass feature: a backward pass and a pass back through it per sequence).
     # On in `demo` only: there, under the target-mode selection and its gate, it trained
-    # best on the H200 (bench/results/h200_2026-11-29f); at the CPU's `mid` scale it ranks
+    # better in both paired comparisons (bench/results/h200_2026-11-29f); at the CPU's
+    # `mid` scale it ranks
     # like the labels far better but its selection trains worse, with the top k
     # (bench/results/cpu_2026-11-29_gradient_alignment) and under the modes and the gate
     # (13 of 18 runs, bench/results/cpu_2026-11-29_target_gate); `full` is unmeasured.
@@ -121,11 +122,11 @@ def demo() -> Preset:
         population_train=dict(batch_size=64, lr=1e-3, warmup=5, epochs=1.0, n_evals=1),
         continued=dict(batch_size=32, lr=5e-4, warmup=10, epochs=2.0, n_evals=8),
         # The whole-model gradient alignment column: with the target-mode selection and
-        # its gate it trained 0.009 better on the H200 demo's labels than without
-        # (bench/results/h200_2026-11-29f, call 3), and a fresh run with it (call 4) met
-        # the demo bar. At the CPU's smaller `mid` scale it trained worse in 13 of 18
-        # runs (bench/results/cpu_2026-11-29_target_gate): one paired H200 comparison
-        # is the evidence for it here.
+        # its gate it trained better than without in both paired comparisons at this
+        # scale (bench/results/h200_2026-11-29f: -0.009 on call 3's H200 labels, -0.0035
+        # on call 4's run retrained on CPU), and a fresh run with it (call 4) met the
+        # demo bar. At the CPU's smaller `mid` scale it trained worse in 13 of 18 runs
+        # (bench/results/cpu_2026-11-29_target_gate), so it is on here only.
         scorer={"regressors": ("ridge", "mlp"), "mlp_hidden": 256, "holdout_fraction": 0.2,
                 "loss_feature": True, "alignment_feature": True, "gradient_alignment": True,
                 "per_unit_gradient": False},

@@ -199,7 +199,8 @@ def run(preset="smoke", *, out=None, ontarget=None, offtarget=None, target=None,
         target_modes=None, target_gate=None, progress=True, quiet=False, methods=METHODS):
     """Run (or resume) the experiment; returns the per-method summary DataFrame.
     `gradient_alignment` and `per_unit_gradient` (True/False) override the preset's
-    scorer settings of those names, `target_modes` (an int) its selection rule."""
+    scorer settings of those names; `target_modes` (an int) and `target_gate` (a quantile,
+    0: off) its distilled selection's rule (`distilled_rule`)."""
     plan = build_plan(preset, ontarget=ontarget, offtarget=offtarget, target=target,
                       budget=budget, seeds=seeds, attention_impl=attention_impl,
                       gradient_alignment=gradient_alignment, per_unit_gradient=per_unit_gradient,
