@@ -32,14 +32,13 @@ class Preset:
     # forward-pass feature: a backward pass and a pass back through it per sequence).
     # On in `demo` only: there, under the target-mode selection and its gate, it trained
     # better in both paired comparisons (bench/results/h200_2026-11-29f); at the CPU's
-    # `mid` scale it ranks
-    # like the labels far better but its selection trains worse, with the top k
-    # (bench/results/cpu_2026-11-29_gradient_alignment) and under the modes and the gate
-    # (13 of 18 runs, bench/results/cpu_2026-11-29_target_gate); `full` is unmeasured.
-    # `mgd run --[no-]gradient-alignment` overrides the preset. per_unit_gradient: fit the scorer to each label
-    # divided by its row's gradient norm in the inner Adam's geometry
-    # (scorer.preconditioned_gradient_norms; `mgd run --per-unit-gradient`), off in every
-    # preset: no better on CPU (bench/results/cpu_2026-11-29_label_magnitude) nor on the
+    # `mid` scale it ranks like the labels far better but its selection trains worse,
+    # with the top k (bench/results/cpu_2026-11-29_gradient_alignment) and under the
+    # modes and the gate (13 of 18 runs, bench/results/cpu_2026-11-29_target_gate);
+    # `full` is unmeasured. `mgd run --[no-]gradient-alignment` overrides the preset.
+    # per_unit_gradient: fit the scorer to each label divided by its row's gradient norm
+    # in the inner Adam's geometry (scorer.preconditioned_gradient_norms; `mgd run
+    # --per-unit-gradient`), off in every preset: no better on CPU (bench/results/cpu_2026-11-29_label_magnitude) nor on the
     # H200's demo labels (bench/results/h200_2026-11-29e).
     scorer: dict = field(default_factory=lambda: {"regressors": ("ridge", "mlp"),
                                                   "mlp_hidden": 256, "holdout_fraction": 0.2,
