@@ -98,3 +98,30 @@ def rebuild_corpus(plan: dict, data_dir, work_dir, expected_stats: dict | None =
             raise ValueError(f"the corpus rebuilt in {work_dir} differs from the run's "
                              f"(its statistics do not match)")
     return corpus
+
+
+@dataclass(frozen=True)
+class DeviceRun:
+    plan: dict
+    corpus: object          # corpus.Corpus, rebuilt on this machine
+    labels: dict            # the oracle's labels.npz arrays (indices, scores, rounds)
+    scores: np.ndarray      # the distilled scorer's score of every row
+
+
+def rebuild_device_run(call_dir, data_dir, work_dir, run: str = "demo") -> DeviceRun:
+    """A device run as its committed results folder keeps it: `call_dir/<run>/plan.json`,
+    `<run>/summaries/corpus_stats.json` and `<run>_labels.tgz` (what `gpu_run.sh demo`
+    returns), with the corpus rebuilt in `work_dir` from the plan and the source files in
+    `data_dir` and checked against the run's statistics (`rebuild_corpus`)."""
+    import io
+    import tarfile
+    call_dir = Path(call_dir)
+    plan = artifacts.read_json(call_dir / run / "plan.json")
+    corpus = rebuild_corpus(plan, data_dir, work_dir, expected_stats=artifacts.read_json(
+        call_dir / run / "summaries" / "corpus_stats.json"))
+    with tarfile.open(call_dir / f"{run}_labels.tgz") as tar:
+        def load(name):
+            with np.load(io.BytesIO(tar.extractfile(name).read())) as z:
+                return {k: z[k] for k in z.files}
+        labels, scores = load("oracle/labels.npz"), load("scorer/scores.npz")["scores"]
+    return DeviceRun(plan=plan, corpus=corpus, labels=labels, scores=scores)

@@ -316,3 +316,29 @@ def test_offline_retraining_reproduces_the_runs_own_result(smoke_run, tmp_path):
                                expected_stats={**stats, "n_sequences": -1})
     with pytest.raises(FileNotFoundError, match="not a finished run"):
         offline.load(tmp_path)
+
+
+@needs_data
+def test_device_run_is_rebuilt_from_what_its_results_folder_keeps(smoke_run, tmp_path):
+    """offline.rebuild_device_run reads a results folder laid out as `gpu_run.sh demo`
+    returns it (the run's plan and corpus statistics, its labels and scores in a tgz)
+    and gives back the run's own corpus, labels and scores."""
+    import shutil
+    import tarfile
+    from mgd.pipeline import artifacts, offline
+    out, _ = smoke_run
+    call = tmp_path / "call"
+    (call / "demo" / "summaries").mkdir(parents=True)
+    shutil.copy(out / "plan.json", call / "demo" / "plan.json")
+    shutil.copy(out / "corpus" / "stats.json", call / "demo" / "summaries" / "corpus_stats.json")
+    with tarfile.open(call / "demo_labels.tgz", "w:gz") as tar:
+        for name in ("oracle/labels.npz", "scorer/scores.npz"):
+            tar.add(out / name, arcname=name)
+    device = offline.rebuild_device_run(call, DATA, tmp_path / "work")
+    run = offline.load(out)
+    np.testing.assert_array_equal(device.corpus.tokens, run.corpus.tokens)
+    np.testing.assert_array_equal(device.scores, run.distilled_scores().astype(np.float32))
+    labels = artifacts.load_arrays(out / "oracle" / "labels.npz")
+    for key in ("indices", "scores", "round_tau"):
+        np.testing.assert_array_equal(device.labels[key], labels[key])
+    assert device.plan == run.plan

@@ -7,26 +7,17 @@ its stats must equal the run's `demo/summaries/corpus_stats.json`, which is chec
 then reads `demo_labels.tgz`. Prints the labels' percentile of the distilled selection's
 off-target rows that were labeled, and the opening of a few of each kind.
 """
-import io
-import json
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from mgd.pipeline import offline
 
-here = Path(__file__).parent
-plan = json.loads((here / "demo" / "plan.json").read_text())
-corpus = offline.rebuild_corpus(
-    plan, os.environ["MGD_DATA_DIR"], sys.argv[1],
-    expected_stats=json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()))
-with tarfile.open(here / "demo_labels.tgz") as tar:
-    def load(name):
-        return np.load(io.BytesIO(tar.extractfile(name).read()))
-    labels, scores = load("oracle/labels.npz"), load("scorer/scores.npz")["scores"]
+device = offline.rebuild_device_run(Path(__file__).parent, os.environ["MGD_DATA_DIR"],
+                                    sys.argv[1])
+plan, corpus, labels, scores = device.plan, device.corpus, device.labels, device.scores
 rows, lab = labels["indices"], labels["scores"]
 k = int(round(plan["budget"] * len(scores)))
 top = np.argsort(-scores)[:k]

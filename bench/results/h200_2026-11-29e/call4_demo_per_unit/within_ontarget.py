@@ -9,11 +9,8 @@ top 10%'s on-target rows with all on-target rows: how many documents they come f
 where in its document a row sits, separators per row, and the unigram distribution's
 distance to the held-out evaluation set.
 """
-import io
-import json
 import os
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +18,9 @@ from scipy.stats import spearmanr
 
 from mgd.pipeline import offline
 
-here = Path(__file__).parent
-plan = json.loads((here / "demo" / "plan.json").read_text())
-corpus = offline.rebuild_corpus(
-    plan, os.environ["MGD_DATA_DIR"], sys.argv[1],
-    expected_stats=json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()))
-with tarfile.open(here / "demo_labels.tgz") as tar:
-    scores = np.load(io.BytesIO(tar.extractfile("scorer/scores.npz").read()))["scores"]
-    labels = np.load(io.BytesIO(tar.extractfile("oracle/labels.npz").read()))
+device = offline.rebuild_device_run(Path(__file__).parent, os.environ["MGD_DATA_DIR"],
+                                    sys.argv[1])
+plan, corpus, labels, scores = device.plan, device.corpus, device.labels, device.scores
 k = int(round(plan["budget"] * len(scores)))
 top = np.argsort(-scores)[:k]
 on = np.flatnonzero(corpus.cluster == 0)

@@ -12,11 +12,10 @@ column (the gradient alignment); both select with the preset's rule (4 target mo
 gate 0.99); each selection is trained with the plan's continued-pretraining settings in
 float32 on CPU (the H200 trained in bfloat16), evaluated once at the end.
 """
-import io
 import json
 import os
+import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -29,25 +28,20 @@ from mgd.pipeline.selection import fit_target_modes, stratified_top_k
 here = Path(__file__).parent
 snapshot, work = Path(sys.argv[1]), Path(sys.argv[2])
 seeds = range(int(sys.argv[3]) if len(sys.argv) > 3 else 3)
-plan = json.loads((here / "demo" / "plan.json").read_text())
-corpus = offline.rebuild_corpus(
-    plan, os.environ["MGD_DATA_DIR"], work,
-    expected_stats=json.loads((here / "demo" / "summaries" / "corpus_stats.json").read_text()))
-import subprocess  # noqa: E402  (the unpacker is a script, not a module)
+device = offline.rebuild_device_run(here, os.environ["MGD_DATA_DIR"], work)
+plan, corpus, lab, run_scores = device.plan, device.corpus, device.labels, device.scores
 subprocess.run([sys.executable, str(here.parents[3] / "scripts" / "run_snapshot.py"), "unpack",
                 str(snapshot), str(work)], check=True)
 cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=corpus.seq_len,
                 **{**plan["model"], "compute_dtype": "float32", "attention_impl": "xla"})
 base = load_params(work / "base" / "params.npz", cfg)
 feats = np.asarray(np.load(work / "features" / "features.npz")["features"], np.float64)
-with tarfile.open(here / "demo_labels.tgz") as tar:
-    lab = np.load(io.BytesIO(tar.extractfile("oracle/labels.npz").read()))
-    run_scores = np.load(io.BytesIO(tar.extractfile("scorer/scores.npz").read()))["scores"]
 sc = plan["scorer"]
 k = int(round(plan["budget"] * corpus.tokens.shape[0]))
 target = scorer.extract_features(base, corpus.target_tokens, cfg, progress=False)
 modes = fit_target_modes(target, feats[:, :cfg.d_model], plan["target_modes"])
 typical = modes.typical(plan["target_gate"])
+# The H200 run's own scores under the same rule (its modes refit here, in float32).
 own = set(stratified_top_k(run_scores, modes.mode_of_row, modes.share, k, typical).tolist())
 print(f"rule: {distilled_rule(plan)}; {int(typical.sum())} typical rows (the H200 run: "
       f"{json.loads((here / 'demo' / 'selection_info' / 'metagrad_distilled.json').read_text())['typical_rows']})")
