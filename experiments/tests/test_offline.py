@@ -57,6 +57,7 @@ def test_device_run_is_rebuilt_from_what_its_results_folder_keeps(smoke_run, tmp
     and gives back the run's own corpus, labels and scores."""
     import shutil
     import tarfile
+
     from mgd.pipeline import artifacts
     out, _ = smoke_run
     call = tmp_path / "call"

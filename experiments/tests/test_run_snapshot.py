@@ -6,7 +6,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 _path = Path(__file__).resolve().parents[1] / "run_snapshot.py"
 _spec = importlib.util.spec_from_file_location("run_snapshot", _path)
@@ -24,10 +25,11 @@ def test_bf16_bits_round_like_jax_bfloat16(seed):
 
 
 def test_pack_unpack_gives_the_rounded_base_in_the_pipelines_layout(tmp_path):
+    import jax
+
     from mgd.pipeline import artifacts
     from mgd.pipeline.model import GPTConfig, init_params
     from mgd.pipeline.run import load_params
-    import jax
     cfg = GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=16)
     params = init_params(cfg, jax.random.PRNGKey(3))
     leaves = {f"leaf_{i:05d}": np.asarray(v) for i, v in
@@ -50,7 +52,7 @@ def test_pack_unpack_gives_the_rounded_base_in_the_pipelines_layout(tmp_path):
     snap.unpack(tmp_path / "out", tmp_path / "back")
     back = tmp_path / "back" / "base"
     got = jax.tree_util.tree_leaves(load_params(back / "params.npz", cfg))
-    for (k, v), g in zip(leaves.items(), got):
+    for v, g in zip(leaves.values(), got):
         np.testing.assert_array_equal(np.asarray(g), snap.from_bf16_bits(snap.to_bf16_bits(v)))
         assert np.max(np.abs(np.asarray(g) - v)) <= 2 ** -8 * np.max(np.abs(v))
     nu = artifacts.load_arrays(back / "adam_nu.npz")
