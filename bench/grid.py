@@ -20,7 +20,7 @@ from dataclasses import dataclass
 IMPLS = ("xla", "pallas", "triton", "cuda")
 DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
-# Matrix products of size Tq x Tk x D per head, by stage (docs/attention-double-backward.md).
+# Matrix products of size Tq x Tk x D per head, by stage (docs/attention-math.md).
 # The backward recomputes S, then dP, dQ, dK, dV. The HVP (grad of <grad L, u>
 # through `mgd.attention`) runs forward 2 + backward 5 in the inner gradient,
 # then double backward 12 plus one more backward 5 for the cotangent that flows

@@ -23,13 +23,14 @@ import math
 import os
 import subprocess
 import time
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jax
 import pytest
 
 from mgd.profiling import nvtx_range
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Out-of-memory points, added to the saved JSON under "mgd_oom" by bench/conftest.py
@@ -59,7 +60,7 @@ def _env_float(name, default):
 
 # ---------------------------------------------------------------- provenance
 
-@lru_cache(maxsize=None)
+@cache
 def commit():
     """$MGD_COMMIT when set, else the git commit of the checkout.
 
@@ -77,7 +78,7 @@ def commit():
         return "unknown"
 
 
-@lru_cache(maxsize=None)
+@cache
 def device_name():
     device = jax.devices()[0]
     return getattr(device, "device_kind", None) or device.platform

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import time
 import zlib
-from functools import lru_cache, partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 import mgd
-from mgd import backends
-
 from bench import grid, harness
+from mgd import backends
 
 STAGES = ("forward", "backward", "double_backward", "hvp")
 
@@ -65,7 +64,7 @@ def _hvp(impl, causal):
 
 # --------------------------------------------------------------- the inputs
 
-@lru_cache(maxsize=None)
+@cache
 def _forward(impl, causal):
     # One jitted function per (impl, mask), so the input sets share one compile.
     return jax.jit(partial(mgd.attention_forward, causal=causal, impl=impl))

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mgd import backends
-
 from bench import grid, harness
+from mgd import backends
 
 
 def _env_int(name, default):

@@ -14,7 +14,7 @@ from bench import test_attention_kernels as kernels
 
 pytestmark = pytest.mark.cpu_subset
 
-SAVED_CPU_RUN = Path(__file__).parent / "results" / "cpu_example.json"
+SAVED_CPU_RUN = Path(__file__).parent / "fixtures" / "cpu_example.json"
 
 
 def _fake_benchmark():

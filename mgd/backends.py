@@ -25,11 +25,10 @@ MODULES = {
     "cuda": "mgd.bindings.cuda",
 }
 
-# `auto` on a GPU tries these in order, the measured one (H200, bf16, causal:
-# bench/results/h200_2026-11-28/report/report.md): the CUDA double backward is the
-# fastest; Pallas beats Triton on the backward and double backward at head dims 64
-# and 128 and is within 6% of it on the forward. The CUDA backend's own forward
-# and backward delegate along this order too.
+# `auto` on a GPU tries these in order, fastest first as measured on an H200 (bf16,
+# causal; see docs/results.md): the CUDA double backward leads; Pallas and Triton trade
+# places by stage and head dim, and Pallas leads the backward and double backward at
+# D=128. The CUDA backend's own forward and backward delegate along this order too.
 AUTO_ORDER_GPU = ("cuda", "pallas", "triton", "xla")
 # On a CPU the kernels only run interpreted, which is far slower than XLA.
 AUTO_ORDER_CPU = ("xla",)

@@ -13,7 +13,7 @@ L=2048 with the fastest one. Each measurement runs in a fresh process, so
 
 compiles only (no round is run; works on a CPU) and reports XLA's compile-time
 memory analysis, temp + argument + output bytes, a proxy for the peak (see
-pipeline/MEMORY.md).
+docs/memory.md).
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, 
            "jax": jax.__version__}
     if reason is not None:
         return {**out, "status": "skipped", "reason": reason}
-    init = lambda: model.init_params(cfg, jax.random.key(0))
+    def init():
+        return model.init_params(cfg, jax.random.key(0))
+
     # Estimating needs shapes only: no 0.5 GB of parameters on the host.
     params = jax.eval_shape(init) if estimate else init()
     out["n_params"] = model.param_count(params)
@@ -161,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--inner-steps", type=int, default=16)
     # 2, not 4: with 4 the L=128 round is estimated at 16.5 GB, over the 16 GB bar
-    # (pipeline/MEMORY.md).
+    # (docs/memory.md).
     ap.add_argument("--micro-batch-short", type=int, default=2,
                     help="rows per gradient micro-batch at the short length")
     ap.add_argument("--micro-batch-long", type=int, default=1)

@@ -156,7 +156,7 @@ def _pool_stats(texts, rows, docs_used, doc_tokens, eot, vocab_size):
     }
 
 
-def build_corpus(cfg: CorpusConfig, run_dir) -> "Corpus":
+def build_corpus(cfg: CorpusConfig, run_dir) -> Corpus:
     """Build (or reuse, if `run_dir/corpus/DONE` exists) the corpus for `cfg`."""
     st = artifacts.stage(run_dir, "corpus")
     if st.done:
@@ -251,7 +251,7 @@ class Corpus:
     _texts: list | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, run_dir) -> "Corpus":
+    def load(cls, run_dir) -> Corpus:
         path = Path(run_dir) / "corpus"
         if not (path / "DONE").exists():
             raise FileNotFoundError(f"no complete corpus in {path} (build_corpus writes it)")

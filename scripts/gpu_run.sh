@@ -10,7 +10,6 @@
 #             tables are used by every later part of the same call
 #   tests     GPU tests (tests/ -m gpu; hypothesis profile $HYPOTHESIS_PROFILE, "device";
 #             $MGD_TEST_K: a pytest -k expression to run some of them)
-#   variants  CUDA kernel variants timed side by side, ncu summary (scripts/cuda_variants.sh)
 #   bench     kernel benchmarks, side by side: double backward, forward/backward,
 #             naive XLA, full HVP, then compare mode against the baseline saved first
 #             ($MGD_BENCH_SLICES: only the slices named, e.g. xladbwd,xladbwd64;
@@ -23,15 +22,7 @@
 #             then L=128 for each of $MGD_ORACLE_IMPLS (cuda,pallas,xla,triton; set it
 #             empty for the long run alone); cap $MGD_ORACLE_CAP_S (420) seconds
 #   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
-#   demo_gradient  the demo again with `--gradient-alignment`, on a copy of the finished
-#             demo run (only the scorer's stages are redone)
-#   demo_per_unit  the same with `--per-unit-gradient`
-#   demo_rules the same with the distilled selection's earlier rules: without the
-#             target gate (`--target-gate=0`), and the score's plain top k
-#             (`--target-modes=0 --target-gate=0`)
-#   demo_modes the same with `--target-modes=M` (and the preset's gate) for M in
-#             $MGD_DEMO_MODES (4 16): the
-#             distilled selection stratified by M modes of the target set
+# (docs/gpu-runs.md says what each part needs and returns.)
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
 # fills both), with the whole call under its ten minutes:
@@ -84,11 +75,6 @@ export MGD_COMMIT=${MGD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown
     --format=csv
 } > "$OUT/env.txt" 2>&1
 
-# Files that come back beside results.tgz rather than in it (over its size otherwise):
-# the demo run's snapshot.
-snapshot=/tmp/mgd_run_snapshot
-rm -rf "$snapshot"
-
 stamp "setup (install in place, CUDA build)"
 source scripts/device_setup.sh > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 python3 -c "import jax, triton; print('jax', jax.__version__, 'triton', triton.__version__)" >> "$OUT/env.txt" 2>&1
@@ -113,12 +99,6 @@ part_tests() {
     tests/test_api.py -m gpu ${MGD_TEST_K:+-k "$MGD_TEST_K"} -q -rfEs -p no:cacheprovider --durations=15 \
     > "$OUT/gpu_tests.log" 2>&1
   stamp "GPU tests: $(tail -n 1 "$OUT/gpu_tests.log")"
-}
-
-part_variants() {
-  mkdir -p "$OUT/variants"
-  capped 160 60 "CUDA variants" env OUT="$OUT/variants" bash scripts/cuda_variants.sh \
-    > "$OUT/variants.log" 2>&1
 }
 
 bench_slice() {  # name seconds impls lengths heads dim -k-expression [extra pytest args]
@@ -229,59 +209,21 @@ part_demo() {
   (cd "$run_dir" 2>/dev/null \
     && python3 -c "import numpy as np; np.save('cluster.npy', np.load('corpus/arrays.npz')['cluster'])" \
     && tar -czf "$OUT/demo_labels.tgz" $(ls oracle/labels.npz scorer/scores.npz cluster.npy 2>/dev/null)) || true
-  # The base model, its Adam second moment and the scorer's features in bfloat16 (10,
-  # 10 and 14 MiB for the demo), so that selections can be studied and retrained on
-  # CPU; they come back beside results.tgz (scripts/run_snapshot.py unpacks them).
-  python3 scripts/run_snapshot.py pack "$run_dir" "$snapshot" \
-    && stamp "run snapshot: $(du -sh "$snapshot" | cut -f1) returned beside results.tgz"
 }
 
-demo_variant() {  # NAME FLAG...: the demo's scorer stages again with the FLAGs
-  # On a copy of the finished demo run (same corpus, base model, labels and baselines):
-  # only the features, the scorer and the distilled selection's training are redone.
-  local name=$1 base=${MGD_RUNS_DIR:-runs}/demo run_dir=${MGD_RUNS_DIR:-runs}/demo-$1
-  shift
-  if [ ! -f "$base/results.csv" ]; then
-    stamp "demo_$name: skipped (no finished demo run in $base; run the demo part first)"
-    return 0
-  fi
-  rm -rf "$run_dir"
-  python3 -c "import sys; from mgd.pipeline.run import copy_for_scorer_variant as c; c(*sys.argv[1:])" \
-    "$base" "$run_dir" || { stamp "demo_$name: copy failed"; return 0; }
-  capped 300 60 "demo preset, $*" env MGD_DATA_DIR=.mgd-data \
-    python3 -m mgd.cli run --preset demo "$@" --out "$run_dir" --no-progress \
-    > "$OUT/demo_$name.log" 2>&1
-  [ -d "$run_dir" ] && tar -C "$run_dir" -czf "$OUT/demo_${name}_run.tgz" --exclude='_ckpt' \
-    --exclude='*.npz' --exclude='continued-*' --exclude='select-*' --exclude='population*' \
-    --exclude='corpus' --exclude='base' --exclude='oracle' --exclude='tokenizer_cache' .
-  (cd "$run_dir" 2>/dev/null && tar -czf "$OUT/demo_${name}_scores.tgz" scorer/scores.npz) || true
-}
-
-part_demo_gradient() { demo_variant gradient --gradient-alignment; }
-part_demo_per_unit() { demo_variant per_unit --per-unit-gradient; }
-part_demo_modes() {  # $MGD_DEMO_MODES: the mode counts, one variant each (4 and 16)
-  local m
-  for m in ${MGD_DEMO_MODES:-4 16}; do demo_variant "modes$m" "--target-modes=$m"; done
-}
-part_demo_rules() {  # the distilled selection's earlier rules on the same labels
-  demo_variant nogate --target-gate=0
-  demo_variant topk --target-modes=0 --target-gate=0
-}
-
-parts=${*:-tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes demo_rules}
+parts=${*:-tune tests bench e2e nvtx oracle demo}
 for part in $parts; do
   case $part in
-    tune|tests|variants|bench|e2e|nvtx|oracle|demo|demo_gradient|demo_per_unit|demo_modes|demo_rules) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests variants bench e2e nvtx oracle demo demo_gradient demo_per_unit demo_modes demo_rules)"; exit 2 ;;
+    tune|tests|bench|e2e|nvtx|oracle|demo) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo)"; exit 2 ;;
   esac
 done
 
 stamp "done"
-# Few files come back from the device: all but the summary (and XLA's cache and the
-# base snapshot, up to 16 MiB a file) travel as one archive.
+# Few files come back from the device: all but the summary (and XLA's cache, up to
+# 16 MiB a file) travel as one archive.
 cp "$OUT/summary.log" /tmp/mgd_summary.log
 if [ -f "$OUT/xla_cache.tgz" ]; then mv "$OUT/xla_cache.tgz" /tmp/mgd_xla_cache.tgz; fi
 tar -C "$OUT" -czf /tmp/mgd_results.tgz . && rm -rf "${OUT:?}"/* \
   && mv /tmp/mgd_results.tgz "$OUT/results.tgz" && mv /tmp/mgd_summary.log "$OUT/summary.log"
 if [ -f /tmp/mgd_xla_cache.tgz ]; then mv /tmp/mgd_xla_cache.tgz "$OUT/xla_cache.tgz"; fi
-if [ -d "$snapshot" ]; then mv "$snapshot"/* "$OUT/"; fi

@@ -12,8 +12,17 @@ from hypothesis import given
 import mgd
 from mgd import backends
 from mgd.bindings import cuda
-from tests.support import (DTYPES, check_long_causal, draw, error_vs_reference, hvp, reference_all,
-                           reference_hvp, rel_l2, tolerance)
+from tests.support import (
+    DTYPES,
+    check_long_causal,
+    draw,
+    error_vs_reference,
+    hvp,
+    reference_all,
+    reference_hvp,
+    rel_l2,
+    tolerance,
+)
 
 
 def _qkv(shape, dtype, seed=0):

@@ -18,8 +18,17 @@ import mgd
 from mgd.reference import pallas
 from mgd.reference import xla as xla_backend
 from mgd.reference.pallas import configs as pallas_configs
-from tests.support import (DTYPES, attention_shapes, check_long_causal, draw, hvp, reference_all,
-                           reference_hvp, rel_l2, tolerance)
+from tests.support import (
+    DTYPES,
+    attention_shapes,
+    check_long_causal,
+    draw,
+    hvp,
+    reference_all,
+    reference_hvp,
+    rel_l2,
+    tolerance,
+)
 
 ORDER_NAMES = ("forward", "backward", "double backward")
 

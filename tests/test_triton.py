@@ -17,11 +17,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import mgd
-from tests.support import (attention_shapes, check_long_causal, draw, error_vs_reference, hvp,
-                           reference_all, reference_hvp, rel_l2, tolerance)
+from tests.support import (
+    attention_shapes,
+    check_long_causal,
+    draw,
+    error_vs_reference,
+    hvp,
+    reference_all,
+    reference_hvp,
+    rel_l2,
+    tolerance,
+)
 
 
 def _has_gpu():
@@ -157,7 +167,7 @@ def triton_warm():
         precompile.install(precompile.compile_all(launches, precompile.capability(),
                                                   deadline_s=60, log=lambda s: None))
     except Exception as err:  # noqa: BLE001 - the tests still run, compiling serially
-        warnings.warn(f"parallel precompile failed, compiling serially: {err!r}")
+        warnings.warn(f"parallel precompile failed, compiling serially: {err!r}", stacklevel=2)
 
 
 @st.composite

@@ -6,8 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mgd
-from tests.support import (DTYPES, attention_shapes, draw, hvp, reference_all, reference_hvp,
-                           rel_l2, tolerance)
+from tests.support import DTYPES, attention_shapes, draw, hvp, reference_all, reference_hvp, rel_l2, tolerance
 
 
 @given(attention_shapes(max_t=64), st.sampled_from(sorted(DTYPES)), st.booleans(),

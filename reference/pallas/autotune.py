@@ -140,10 +140,10 @@ def time_primitives(lengths, head_configs, dtype, table, log):
             kw = dict(causal=True, scale=d ** -0.5)
             x["o"], x["lse"] = forward(x["q"], x["k"], x["v"], **kw)
             prims = {
-                "forward": (2, lambda x: forward(x["q"], x["k"], x["v"], **kw)),
-                "backward": (5, lambda x: backward(x["q"], x["k"], x["v"], x["o"], x["lse"],
-                                                   x["do"], **kw)),
-                "double_backward": (12, lambda x: double_backward(
+                "forward": (2, lambda x, kw=kw: forward(x["q"], x["k"], x["v"], **kw)),
+                "backward": (5, lambda x, kw=kw: backward(x["q"], x["k"], x["v"], x["o"], x["lse"],
+                                                            x["do"], **kw)),
+                "double_backward": (12, lambda x, kw=kw: double_backward(
                     x["q"], x["k"], x["v"], x["o"], x["lse"], x["do"], x["ddq"], x["ddk"],
                     x["ddv"], **kw)),
             }
@@ -177,7 +177,7 @@ def sweep(*, head_configs, causal_values, ranges, dtype, kernels, warmup, reps, 
                     default = cfgs.fit_blocks(cfgs.default(kernel, interpret=False), t, t)
                     jitted = [jax.jit(functools.partial(run, config=cfg)) for cfg in [default] + cands]
 
-                    def compile_one(fn):
+                    def compile_one(fn, x=x):
                         try:
                             return fn.lower(x).compile(), None
                         except Exception as err:  # a candidate that cannot compile loses
@@ -284,7 +284,7 @@ def main(argv=None):
             writer.writeheader()
             writer.writerows(all_rows)
         os.replace(csv_path + ".tmp", csv_path)
-        meta = {"written": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        meta = {"written": datetime.datetime.now(datetime.UTC).isoformat(
                     timespec="seconds"),
                 "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                 "dtype": args.dtype,

@@ -1,7 +1,7 @@
 """Double backward kernels: three sweeps, O(T) extra memory.
 
 Given cotangents (ddQ, ddK, ddV) of (dQ, dK, dV), the contract
-(docs/attention-double-backward.md) needs two full-row statistics, dd and b,
+(docs/attention-math.md) needs two full-row statistics, dd and b,
 before dS' can be formed, hence:
 
   rows  (per query block, over keys)   dd = rowsum(ddS * P)

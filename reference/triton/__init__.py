@@ -35,7 +35,7 @@ def _gpu_reason():
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_reason():
     """Why the kernels cannot be imported here, or None (checked once)."""
     for module, name in (("triton", "triton"), ("jax_triton", "jax-triton")):

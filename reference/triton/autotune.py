@@ -188,7 +188,7 @@ def runtime():
     return jax_calls._launch, jax.jit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_fn(kernel, cfg, causal, scale):
     """A jitted function of KERNEL_INPUTS[kernel] that runs one kernel."""
     from mgd.reference.triton import primitives as P
@@ -433,7 +433,8 @@ DEFAULT_HEADS = ("12x64", "16x128")
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON table to write (e.g. reference/triton/configs.json)")
+    parser.add_argument("--out", required=True,
+                        help="JSON table to write (e.g. reference/triton/configs.json)")
     parser.add_argument("--csv", help="CSV of every measurement (default: --out with .csv)")
     parser.add_argument("--t", type=int, nargs="+", default=list(DEFAULT_T),
                         help="causal lengths to time")

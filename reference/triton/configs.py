@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 HEAD_DIMS = (16, 32, 64, 128)
 # The kernels tuned per problem; the delta preprocess of the backward is a
