@@ -94,20 +94,28 @@ def test_extract_features_batches_and_pads_like_one_big_call():
 
 @given(st.integers(1, 200), st.floats(0.01, 1.0), st.integers(2, 64))
 def test_budget_fraction_and_token_forms_agree(n, frac, length):
-    k = selection.budget_to_count(frac, n, length)
+    k = selection.budget_rows(n, length, fraction=frac)
     assert 1 <= k <= n
     assert abs(k - frac * n) <= 0.5 + 1e-9 or k == 1
-    # The same number of sequences bought with tokens (length >= 2, so k * length > 1).
-    assert selection.budget_to_count(k * length, n, length) == k
-    if k * length - 1 > 1:   # (a budget of exactly 1 means the whole corpus)
-        assert selection.budget_to_count(k * length - 1, n, length) == k
+    # The same number of sequences bought with tokens: whole sequences, rounded up.
+    assert selection.budget_rows(n, length, tokens=k * length) == k
+    assert selection.budget_rows(n, length, tokens=k * length - 1) == k
+    if k < n:
+        assert selection.budget_rows(n, length, tokens=k * length + 1) == k + 1
 
 
 def test_budget_errors_name_the_argument():
-    with pytest.raises(ValueError, match="budget"):
-        selection.budget_to_count(0, 10, 4)
+    with pytest.raises(ValueError, match="fraction"):
+        selection.budget_rows(10, 4, fraction=0.0)
+    with pytest.raises(ValueError, match="fraction"):
+        selection.budget_rows(10, 4, fraction=2.0)
     with pytest.raises(ValueError, match="only 10"):
-        selection.budget_to_count(1000, 10, 4)
+        selection.budget_rows(10, 4, tokens=1000)
+    with pytest.raises(ValueError, match="exactly one"):
+        selection.budget_rows(10, 4, fraction=0.5, tokens=8)
+    with pytest.raises(ValueError, match="exactly one"):
+        selection.budget_rows(10, 4)
+
 
 
 @given(st.integers(0, 10_000), st.integers(1, 50))
@@ -371,31 +379,6 @@ def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
     assert np.ptp(want) > 0
     with pytest.raises(ValueError, match="direction"):
         scorer.gradient_alignment(params, {"embed": direction["embed"]}, seqs, cfg)
-
-
-def test_preconditioned_gradient_norms_match_per_row_autodiff():
-    """Against autodiff one row at a time: sqrt(sum g^2 / (sqrt(nu / (1 - b2^count)) + eps))
-    over every parameter, with a fresh positive second moment; rows in several batches."""
-    import jax
-    import jax.numpy as jnp
-    from mgd.pipeline import model
-    cfg, params = _tiny_model(5)
-    rng = np.random.default_rng(12)
-    seqs = rng.integers(0, 29, (7, 13)).astype(np.int32)
-    nu = jax.tree_util.tree_map(lambda a: (rng.random(a.shape) * 1e-3 + 1e-6).astype(np.float32),
-                                params)
-    got = scorer.preconditioned_gradient_norms(params, seqs, cfg, nu, 50, batch_size=3)
-    corr = 1 - 0.999 ** 50
-    want = np.zeros(7)
-    for i in range(7):
-        g = jax.grad(lambda p: model.per_example_loss(p, jnp.asarray(seqs[i:i + 1]), cfg)[0])(params)
-        want[i] = np.sqrt(sum(float(jnp.sum(a.astype(jnp.float64) ** 2 / (np.sqrt(v / corr) + 1e-8)))
-                              for a, v in zip(jax.tree_util.tree_leaves(g),
-                                              jax.tree_util.tree_leaves(nu))))
-    np.testing.assert_allclose(got, want, rtol=1e-4)
-    assert np.ptp(want) > 0.01 * want.mean()
-    with pytest.raises(ValueError, match="seqs"):
-        scorer.preconditioned_gradient_norms(params, seqs[:0], cfg, nu, 50)
 
 
 def test_features_with_gradient_alignment_append_the_whole_model_column():
