@@ -276,6 +276,7 @@ def _random_direction(rng, d=16, ff=64, vocab=29):
             "w_down": rng.standard_normal((ff, d)).astype(np.float32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_chunk", [512, 7])   # one chunk, and chunks that need padding
 def test_last_layer_alignment_is_the_last_layer_gradient_inner_product(loss_chunk):
     """Against autodiff of each row's mean loss, dotted with fresh random directions: the
@@ -358,6 +359,7 @@ def test_features_with_alignment_append_loss_and_alignment_columns():
     np.testing.assert_allclose(feats[:, 17:], np.asarray(align), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
     """Against autodiff one row at a time: each row's whole loss gradient dotted with a
     fresh random direction over every parameter."""
