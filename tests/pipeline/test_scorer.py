@@ -1,7 +1,8 @@
 """Distilled scorer and selection on synthetic arrays whose right answer is known."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mgd.pipeline import scorer, selection
 
@@ -248,6 +249,7 @@ def test_random_subset_is_seeded_and_distinct():
 
 def test_features_with_loss_is_model_features_plus_the_sequence_loss():
     import jax
+
     from mgd.pipeline import model
     cfg = model.GPTConfig(vocab_size=300, seq_len=16, n_layer=1, n_head=2, d_model=16,
                           attention_impl="xla", compute_dtype="float32")
@@ -264,6 +266,7 @@ def test_features_with_loss_is_model_features_plus_the_sequence_loss():
 
 def _tiny_model(seed=0, loss_chunk=512):
     import jax
+
     from mgd.pipeline import model
     cfg = model.GPTConfig(vocab_size=29, seq_len=12, n_layer=2, n_head=2, d_model=16,
                           attention_impl="xla", compute_dtype="float32", loss_chunk=loss_chunk)
@@ -284,6 +287,7 @@ def test_last_layer_alignment_is_the_last_layer_gradient_inner_product(loss_chun
     norm's scale, and the last block's down projection."""
     import jax
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(1, loss_chunk)
     rng = np.random.default_rng(5)
@@ -316,6 +320,7 @@ def test_target_direction_is_the_preconditioned_target_gradient():
     parameter (`parts="all"`) and the last layer's three (the default)."""
     import jax
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(2)
     rng = np.random.default_rng(6)
@@ -344,6 +349,7 @@ def test_target_direction_is_the_preconditioned_target_gradient():
 
 def test_features_with_alignment_append_loss_and_alignment_columns():
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(3)
     rng = np.random.default_rng(7)
@@ -365,6 +371,7 @@ def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
     fresh random direction over every parameter."""
     import jax
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(4, loss_chunk=7)
     rng = np.random.default_rng(8)
@@ -374,7 +381,7 @@ def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
     got = np.asarray(scorer.gradient_alignment(params, direction, seqs, cfg))
     want = np.zeros(5)
     for i in range(5):
-        g = jax.grad(lambda p: model.per_example_loss(p, seqs[i:i + 1], cfg)[0])(params)
+        g = jax.grad(lambda p, i=i: model.per_example_loss(p, seqs[i:i + 1], cfg)[0])(params)
         want[i] = sum(jnp.vdot(a, d) for a, d in zip(jax.tree_util.tree_leaves(g),
                                                      jax.tree_util.tree_leaves(direction)))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
