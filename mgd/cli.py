@@ -1,119 +1,219 @@
-"""The `mgd` command.
+"""The `mgd` command: `mgd run` runs (or resumes) the data-selection experiment.
 
-    mgd run --preset {smoke,demo,full} [--ontarget FILE] [--offtarget FILE] [--target FILE]
-            [--out DIR] [--budget B] [--seeds N] [--attention-impl IMPL]
+A user's mistake (a bad option, a missing file, a machine that cannot run the asked-for
+backend) ends in one line, `mgd: error: ...`, and exit status 2; Ctrl-C in exit status
+130 with a line saying the same command resumes the run. Any other exception is a bug
+and keeps its traceback. Progress goes to stderr through `logging` (INFO; --quiet:
+warnings only); the final summary table goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from mgd.errors import UsageError
+
+RUN_DESCRIPTION = """\
+Run (or resume) the data-selection experiment: corpus, base model, metagradient
+oracle, distilled scorer, every method's selection, continued pretraining, report.
+
+Settings come from, later overriding earlier: the preset; --config FILE.toml; the
+options below; --set SECTION.FIELD=VALUE (repeatable). `--dry-run` prints the resolved
+settings as TOML (sections: corpus, model, base_train, oracle, scorer, selection,
+baselines.dsir, baselines.population, baselines.population_train, continued) and runs
+nothing; that output is a valid --config file. Examples:
+
+    mgd run --preset smoke --out runs/smoke
+    mgd run --preset smoke --set oracle.rounds=96 --set scorer.gradient_alignment=true
+    mgd run --preset smoke --budget-tokens 2e4 --set selection.methods=metagrad_distilled,random
+    mgd run --preset demo --dry-run > demo.toml; mgd run --config demo.toml --yes
 
 Corpus sources: --ontarget/--offtarget (JSON lines with a `text` field, .jsonl or
 .jsonl.gz, or `hf:<dataset>:<config>:<field>` for a hub dataset); else the folder in
 $MGD_DATA_DIR (ontarget.jsonl.gz, offtarget.jsonl.gz); else PubMed and C4 streamed
 from the Hugging Face hub.
 """
-from __future__ import annotations
 
-import argparse
-import sys
+INTERRUPTED = ("run stopped (interrupted); run the same command again to resume it from "
+               "its last finished stage")
 
 
-def _budget(text: str) -> float:
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UsageErrors: one `mgd: error:` line like every other."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be positive: a fraction of the corpus (<= 1) "
-                                         "or a number of training tokens (> 1)")
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
 
 
+def _token_count(text: str) -> int:
+    value = _number(text)
+    if not (value >= 1 and value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a whole number of tokens >= 1, got {text}")
+    return int(value)
+
+
 def _int_at_least(minimum: int):
-    """An argparse type: an integer no smaller than `minimum`."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
         if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}")
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
     return parse
 
 
-def _quantile(text: str) -> float:
-    """An argparse type: a number in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from mgd import __version__
+    from mgd.pipeline.config import ATTENTION_IMPLS
     from mgd.pipeline.presets import PRESETS
-    parser = argparse.ArgumentParser(prog="mgd", description="MetaGrad-Distill")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="mgd", description="MetaGrad-Distill")
+    parser.add_argument("--version", action="version", version=f"mgd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run (or resume) the data-selection experiment",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=RUN_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--preset", choices=sorted(PRESETS), default="smoke",
-                   help="experiment size (default: smoke)")
-    r.add_argument("--ontarget", metavar="FILE", help="on-target documents (JSON lines)")
-    r.add_argument("--offtarget", metavar="FILE", help="off-target documents (JSON lines)")
+                   help="experiment size: smoke (CPU, minutes), demo and full (sized for one "
+                        "H200) (default: smoke)")
+    r.add_argument("--config", metavar="FILE.toml",
+                   help="TOML file of settings over the preset's, laid out as --dry-run prints "
+                        "them (default: none)")
+    r.add_argument("--set", dest="assignments", action="append", default=[],
+                   metavar="SECTION.FIELD=VALUE",
+                   help="override one setting, parsed by the field's type, e.g. oracle.k=32, "
+                        "scorer.gradient_alignment=true, corpus.max_docs=none, "
+                        "selection.methods=random,dsir; repeatable (default: none)")
+    r.add_argument("--ontarget", metavar="FILE",
+                   help="on-target documents, JSON lines (default: $MGD_DATA_DIR/ontarget.jsonl.gz, "
+                        "else PubMed from the hub)")
+    r.add_argument("--offtarget", metavar="FILE",
+                   help="off-target documents, JSON lines (default: $MGD_DATA_DIR/"
+                        "offtarget.jsonl.gz, else C4 from the hub)")
     r.add_argument("--target", metavar="FILE",
-                   help="documents defining the target domain (JSON lines), instead of "
-                        "held-out on-target documents")
+                   help="documents defining the target domain, JSON lines (default: held-out "
+                        "on-target documents)")
     r.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>)")
-    r.add_argument("--budget", type=_budget,
-                   help="selection budget: fraction of the corpus (<= 1, default 0.1) or "
-                        "training tokens (> 1)")
-    r.add_argument("--seeds", type=_int_at_least(1), help="seeds per method (default 3)")
+    budget = r.add_mutually_exclusive_group()
+    budget.add_argument("--budget-fraction", type=_fraction, metavar="F",
+                        help="selection budget as a fraction of the corpus's sequences, in "
+                             "(0, 1] (default: the preset's, 0.1 in every preset)")
+    budget.add_argument("--budget-tokens", type=_token_count, metavar="N",
+                        help="selection budget in training tokens, e.g. 2e6, rounded up to "
+                             "whole sequences (default: none; the preset's fraction)")
+    r.add_argument("--seeds", type=_int_at_least(1), metavar="N",
+                   help="training seeds per method (default: the preset's, 3 in every preset)")
     r.add_argument("--attention-impl", metavar="IMPL",
-                   help="attention kernel: auto, xla, pallas, triton or cuda")
-    r.add_argument("--gradient-alignment", action=argparse.BooleanOptionalAction, default=None,
-                   help="add each sequence's whole-model gradient alignment with the target "
-                        "to the scorer's features (a backward pass and a pass back through "
-                        "it over the corpus; default: the preset's setting, off)")
-    r.add_argument("--per-unit-gradient", action=argparse.BooleanOptionalAction, default=None,
-                   help="fit the scorer to each oracle label divided by its sequence's "
-                        "gradient norm in the inner Adam's geometry (default: the preset's "
-                        "setting, off)")
-    r.add_argument("--target-modes", type=_int_at_least(0), metavar="M",
-                   help="stratify the distilled selection by M modes of the target set "
-                        "(k-means on the base model's hidden states; each mode's quota of "
-                        "the budget follows its share of the target, filled by the score); "
-                        "0: the score's top k (default: the preset's setting)")
-    r.add_argument("--target-gate", type=_quantile, metavar="Q",
-                   help="gate the distilled selection by likeness to the target: rows "
-                        "farther from their target mode than the Q quantile of the "
-                        "target's own rows are taken only when no other row is left; "
-                        "0: off (default: the preset's setting)")
+                   help=f"attention kernel: {', '.join(ATTENTION_IMPLS)} (default: auto, the "
+                        f"fastest this machine has)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the resolved settings as TOML and exit without running anything")
+    r.add_argument("--yes", action="store_true",
+                   help="run a preset sized for a GPU on a machine without one (default: refuse)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--quiet", action="store_true", help="no output except errors")
+    r.add_argument("--quiet", action="store_true",
+                   help="only warnings and errors on stderr, no progress bars, no summary")
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "run":
-        from mgd.pipeline.run import run
-        from mgd.pipeline.sources import HubUnavailable
-        try:
-            run(args.preset, out=args.out, ontarget=args.ontarget, offtarget=args.offtarget,
-                target=args.target, budget=args.budget, seeds=args.seeds,
-                attention_impl=args.attention_impl, gradient_alignment=args.gradient_alignment,
-                per_unit_gradient=args.per_unit_gradient, target_modes=args.target_modes,
-                target_gate=args.target_gate,
-                progress=not args.no_progress,
-                quiet=args.quiet)
-        except (FileNotFoundError, ValueError) as err:
-            print(f"mgd run: error: {err}", file=sys.stderr)
-            return 2
-        except HubUnavailable as err:
-            print(f"mgd run: error: {err}\nOffline, give --ontarget/--offtarget files or set "
-                  f"MGD_DATA_DIR to a folder with ontarget.jsonl.gz and offtarget.jsonl.gz.",
-                  file=sys.stderr)
-            return 2
+def build_config(args):
+    """The run's RunConfig: the preset, then --config, then the options, then --set."""
+    from mgd.pipeline import config as cfg_mod
+    from mgd.pipeline import presets
+    cfg = presets.get(args.preset)
+    if args.config:
+        cfg = cfg_mod.apply_overrides(cfg, cfg_mod.load_toml(args.config),
+                                      source=f"--config {args.config}")
+    options = [("--ontarget", "corpus.ontarget", args.ontarget),
+               ("--offtarget", "corpus.offtarget", args.offtarget),
+               ("--target", "target", args.target),
+               ("--seeds", "seeds", args.seeds),
+               ("--attention-impl", "model.attention_impl", args.attention_impl)]
+    for option, path, value in options:
+        if value is not None:
+            cfg = cfg_mod.apply_overrides(cfg, [(path, value)], source=option)
+    if args.budget_fraction is not None:
+        cfg = cfg_mod.apply_overrides(cfg, [("selection.budget_fraction", args.budget_fraction),
+                                            ("selection.budget_tokens", "none")],
+                                      source="--budget-fraction")
+    if args.budget_tokens is not None:
+        cfg = cfg_mod.apply_overrides(cfg, [("selection.budget_tokens", args.budget_tokens),
+                                            ("selection.budget_fraction", "none")],
+                                      source="--budget-tokens")
+    return cfg_mod.apply_overrides(cfg, [cfg_mod.parse_assignment(a) for a in args.assignments])
+
+
+class _Elapsed(logging.Formatter):
+    """`[mgd   12.3s] message`: seconds since the command started."""
+
+    def __init__(self):
+        super().__init__("%(message)s")
+        self.t0 = time.perf_counter()
+
+    def format(self, record):
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname}: "
+        return f"[mgd {time.perf_counter() - self.t0:7.1f}s] {level}{super().format(record)}"
+
+
+def configure_logging(quiet: bool) -> None:
+    """The library's loggers (`mgd.*`) to stderr: INFO, or WARNING with --quiet."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Elapsed())
+    logger = logging.getLogger("mgd")
+    logger.handlers = [handler]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _run(args) -> int:
+    from mgd.pipeline import config as cfg_mod
+    from mgd.pipeline import run as run_mod
+    configure_logging(args.quiet)
+    cfg = run_mod.prepare(build_config(args))
+    if args.dry_run:
+        print(f"# mgd run --preset {args.preset}: the resolved settings (a valid --config file)")
+        print(cfg_mod.to_toml(cfg), end="")
+        return 0
+    result = run_mod.run(cfg, args.out, progress=not (args.no_progress or args.quiet),
+                         yes=args.yes)
+    if not args.quiet:
+        from mgd.pipeline import report
+        rho = report.spearman_vs_labels(result.scorer_summary)
+        print(report.format_summary(result.summary))
+        print(f"\nscorer held-out Spearman {rho:.3f} ({result.scorer_summary['winner']}); "
+              f"on-target share of its top 10%: {100 * result.top_share:.1f}%")
     return 0
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "run":
+            return _run(args)
+        return 0
+    except UsageError as err:
+        print("mgd: error: " + " ".join(str(err).split("\n")), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mgd: {INTERRUPTED}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ class CorpusConfig:
     `hf:MedRAG/pubmed::contents` (see `sources.read_source`).
     """
     # With no files given, the sources of the seed experiment, streamed from the hub.
-    ontarget: str = "hf:MedRAG/pubmed::contents"
-    offtarget: str = "hf:allenai/c4:en:text"
+    # None: not chosen yet (a run config resolves it before the corpus is built).
+    ontarget: str | None = "hf:MedRAG/pubmed::contents"
+    offtarget: str | None = "hf:allenai/c4:en:text"
     n_ontarget: int = 3000
     n_offtarget: int = 3000
     n_corrupt: int = 1500
@@ -166,12 +167,14 @@ def build_corpus(cfg: CorpusConfig, run_dir) -> Corpus:
                              f"run_dir or delete it. saved={saved} asked={dataclasses.asdict(cfg)}")
         return Corpus.load(run_dir)
 
+    if cfg.ontarget is None or cfg.offtarget is None:
+        raise ValueError("CorpusConfig: ontarget and offtarget must be sources, not None")
     rng = np.random.default_rng(cfg.seed)
     on_texts = sources.read_source(cfg.ontarget, limit=cfg.max_docs)
     off_texts = sources.read_source(cfg.offtarget, limit=cfg.max_docs)
     for label, texts in (("ontarget", on_texts), ("offtarget", off_texts)):
         if not texts:
-            raise ValueError(f"CorpusConfig.{label}: source {getattr(cfg, label)!r} gave no documents")
+            raise sources.MalformedSource(f"{getattr(cfg, label)}: no documents (the {label} source)")
     on_order = rng.permutation(len(on_texts))
     off_order = rng.permutation(len(off_texts))
 

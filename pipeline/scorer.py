@@ -2,9 +2,9 @@
 
 The metagradient oracle labels only a few thousand sequences; the scorer generalises
 those labels to the whole corpus from one forward pass of the base model per sequence
-(the mean-pooled final hidden state, `model.features`; optionally the sequence's loss and
-the alignment of its last-layer gradients with the target's, Adam-preconditioned: the
-last layer's share of the label to first order in the inner lr). Optionally too, the
+(the mean-pooled final hidden state, `model.features`; the sequence's loss; and the
+alignment of its last-layer gradients with the target's, Adam-preconditioned: the
+last layer's share of the label to first order in the inner lr). Optionally, the
 whole model's (`gradient_alignment`): the first-order estimate of the label itself,
 which the regressor then calibrates against the oracle. That one is not a forward-pass
 feature: it costs a backward pass and a pass back through it over every sequence.
@@ -37,6 +37,7 @@ def features_with_loss(params, seqs, model_cfg):
     its loss under the base model is far higher.
     """
     import jax.numpy as jnp
+
     from mgd.pipeline import model as model_lib
     seqs = jnp.asarray(seqs)
     hidden = model_lib.forward(params, seqs[:, :-1], model_cfg)
@@ -84,6 +85,7 @@ def target_direction(params, target_seqs, model_cfg, adam_nu, adam_count, *, b2=
     select = _last_layer if parts == "last_layer" else (lambda tree: tree)
     import jax
     import jax.numpy as jnp
+
     from mgd.pipeline import model as model_lib
 
     target_seqs = np.asarray(target_seqs)
@@ -153,6 +155,7 @@ def features_with_loss_and_alignment(params_and_direction, seqs, model_cfg):
     all from one forward pass. Takes (params, direction) as its first argument so that
     `extract_features` places both on the devices."""
     import jax.numpy as jnp
+
     from mgd.pipeline import model as model_lib
     params, direction = params_and_direction
     seqs = jnp.asarray(seqs)
@@ -193,36 +196,6 @@ def gradient_alignment(params, direction, seqs, model_cfg):
                    for a, d in zip(leaves(g), leaves(direction)))
 
     return jax.grad(inner_product)(jnp.ones((seqs.shape[0],), jnp.float32))
-
-
-def preconditioned_gradient_norms(params, seqs, model_cfg, adam_nu, adam_count, *, b2=0.999,
-                                  eps=1e-8, batch_size: int = 64):
-    """[N] float64: each row's loss-gradient norm in the inner Adam's geometry,
-    sqrt(<g, g / (sqrt(nu_hat) + eps)>), the metric in which `target_direction`'s inner
-    products (and so the labels, to first order) are taken. Dividing a label by it
-    leaves how well the row's gradient points at the target's, per unit of its size:
-    inner products favour rows with large gradients (unusual, high-loss rows), which
-    LESS (Xia et al., 2024) avoids with a cosine for the same reason."""
-    import jax
-    import jax.numpy as jnp
-
-    from mgd.pipeline import model as model_lib
-
-    seqs = np.asarray(seqs)
-    if seqs.ndim != 2 or seqs.shape[0] == 0:
-        raise ValueError(f"seqs must be [N, L+1] with N >= 1, got {seqs.shape}")
-    metric = adam_metric(adam_nu, adam_count, b2=b2, eps=eps)
-    leaves = jax.tree_util.tree_leaves
-
-    def one(x):
-        g = jax.grad(lambda p: model_lib.per_example_loss(p, x[None], model_cfg)[0])(params)
-        return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32)) * m)
-                            for a, m in zip(leaves(g), leaves(metric))))
-
-    norms = jax.jit(jax.vmap(one))
-    out = [np.asarray(norms(jnp.asarray(seqs[i:i + batch_size])), np.float64)
-           for i in range(0, seqs.shape[0], batch_size)]
-    return np.concatenate(out)
 
 
 def features_with_gradient_alignment(params_and_direction, seqs, model_cfg):

@@ -1,8 +1,8 @@
 """Turning per-sequence scores into a selection that fits a token budget.
 
 Every sequence of the corpus has the same length (L + 1 tokens, L of them trained on),
-so a token budget is a number of sequences; the budget may be given either as a
-fraction of the corpus (0 < b <= 1) or as a number of training tokens (b > 1).
+so a token budget is a number of sequences; the budget is given either as a fraction
+of the corpus's sequences or as a number of training tokens (`budget_rows`).
 """
 from __future__ import annotations
 
@@ -12,26 +12,30 @@ import math
 import numpy as np
 
 
-def budget_to_count(budget: float, n_sequences: int, tokens_per_sequence: int) -> int:
-    """Number of sequences a budget buys.
-
-    budget <= 1 is a fraction of the corpus; budget > 1 is a count of training tokens
-    (rounded up to whole sequences). Always at least one sequence and at most all of them.
-    """
+def budget_rows(n_sequences: int, tokens_per_sequence: int, *, fraction: float | None = None,
+                tokens: int | None = None) -> int:
+    """Number of sequences a budget buys: exactly one of `fraction` (of the corpus's
+    sequences, 0 < f <= 1, rounded to the nearest) or `tokens` (training tokens, rounded
+    up to whole sequences). Always at least one sequence and at most all of them."""
     if n_sequences <= 0:
         raise ValueError(f"n_sequences must be positive, got {n_sequences}")
     if tokens_per_sequence <= 0:
         raise ValueError(f"tokens_per_sequence must be positive, got {tokens_per_sequence}")
-    if not (budget > 0) or not math.isfinite(budget):
-        raise ValueError(f"budget must be a positive number (a fraction <= 1 or a token "
-                         f"count > 1), got {budget!r}")
-    if budget <= 1:
-        count = int(round(budget * n_sequences))
+    if (fraction is None) == (tokens is None):
+        raise ValueError("give exactly one of a budget fraction and a budget in tokens")
+    if fraction is not None:
+        if not (0 < fraction <= 1) or not math.isfinite(fraction):
+            raise ValueError(f"budget fraction must be in (0, 1], got {fraction!r}")
+        count = int(round(fraction * n_sequences))
+        what = f"budget fraction {fraction!r}"
     else:
-        count = int(math.ceil(budget / tokens_per_sequence))
+        if tokens < 1:
+            raise ValueError(f"budget tokens must be >= 1, got {tokens!r}")
+        count = int(math.ceil(tokens / tokens_per_sequence))
+        what = f"budget of {tokens} tokens"
     if count > n_sequences:
-        raise ValueError(f"budget {budget!r} asks for {count} sequences but the corpus has "
-                         f"only {n_sequences}")
+        raise ValueError(f"{what} asks for {count} sequences but the corpus has only "
+                         f"{n_sequences}")
     return max(1, count)
 
 

@@ -10,11 +10,27 @@ import itertools
 import json
 from pathlib import Path
 
-__all__ = ["read_jsonl", "stream_hub", "read_source", "HubUnavailable"]
+from mgd.errors import UsageError
+
+__all__ = ["read_jsonl", "stream_hub", "read_source", "HubUnavailable", "SourceMissing",
+           "MalformedSource", "POINT_AT_A_CORPUS"]
+
+POINT_AT_A_CORPUS = ("give --ontarget/--offtarget files or set MGD_DATA_DIR to a folder with "
+                     "ontarget.jsonl.gz and offtarget.jsonl.gz")
 
 
-class HubUnavailable(RuntimeError):
+# A user's corpus problem is a UsageError (one line from the CLI); each keeps the builtin
+# base that callers of these functions already catch.
+class HubUnavailable(UsageError, RuntimeError):
     """The hub could not be reached or the dataset could not be opened."""
+
+
+class SourceMissing(UsageError, FileNotFoundError):
+    """A corpus file that does not exist."""
+
+
+class MalformedSource(UsageError, ValueError):
+    """A corpus file that cannot be read as JSON lines with the asked-for field."""
 
 
 def read_jsonl(path, field: str = "text", limit: int | None = None) -> list[str]:
@@ -27,7 +43,7 @@ def read_jsonl(path, field: str = "text", limit: int | None = None) -> list[str]
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
     if not path.is_file():
-        raise FileNotFoundError(f"JSON-lines source not found: {path}")
+        raise SourceMissing(f"corpus file not found: {path}")
     opener = gzip.open if path.name.endswith(".gz") else open
     texts: list[str] = []
     lineno = 0
@@ -41,18 +57,18 @@ def read_jsonl(path, field: str = "text", limit: int | None = None) -> list[str]
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+                    raise MalformedSource(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
                 if not isinstance(obj, dict) or field not in obj:
                     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"{path}:{lineno}: no field {field!r} (found {keys})")
+                    raise MalformedSource(f"{path}:{lineno}: no field {field!r} (found {keys})")
                 text = obj[field]
                 if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} is "
+                    raise MalformedSource(f"{path}:{lineno}: field {field!r} is "
                                      f"{type(text).__name__}, expected a string")
                 texts.append(text)
     except (OSError, EOFError, UnicodeDecodeError) as err:
         # A truncated gzip stream or bad bytes surface here, after `lineno` good lines.
-        raise ValueError(f"{path}:{lineno + 1}: cannot read ({type(err).__name__}: {err})") from err
+        raise MalformedSource(f"{path}:{lineno + 1}: cannot read ({type(err).__name__}: {err})") from err
     return texts
 
 
@@ -76,13 +92,13 @@ def stream_hub(dataset: str, config: str | None, field: str, split: str = "train
         rows = list(itertools.islice(iter(ds), limit))
     except Exception as err:  # datasets raises many types for "offline" and "not found"
         raise HubUnavailable(
-            f"cannot stream {where} from the Hugging Face hub: {type(err).__name__}: {err}. "
-            "Without network access, point the corpus at local .jsonl/.jsonl.gz files "
-            "instead (field 'text').") from err
+            f"cannot stream {where} from the Hugging Face hub ({type(err).__name__}); "
+            f"offline, point the corpus at local .jsonl/.jsonl.gz files (field 'text'): "
+            f"{POINT_AT_A_CORPUS}") from err
     texts = []
     for i, row in enumerate(rows):
         if field not in row:
-            raise ValueError(f"{where}: row {i} has no field {field!r} (found {sorted(row)})")
+            raise MalformedSource(f"{where}: row {i} has no field {field!r} (found {sorted(row)})")
         texts.append(str(row[field]))
     return texts
 
@@ -96,7 +112,7 @@ def read_source(spec: str, limit: int | None = None) -> list[str]:
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         if len(parts) != 3 or not parts[0] or not parts[2]:
-            raise ValueError(f"hub source must read 'hf:<dataset>:<config>:<field>', got {spec!r}")
+            raise MalformedSource(f"hub source must read 'hf:<dataset>:<config>:<field>', got {spec!r}")
         dataset, config, field = parts
         return stream_hub(dataset, config or None, field, limit=limit or 10_000)
     path, _, field = spec.partition("#")

@@ -1,7 +1,8 @@
 """Distilled scorer and selection on synthetic arrays whose right answer is known."""
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mgd.pipeline import scorer, selection
 
@@ -94,20 +95,28 @@ def test_extract_features_batches_and_pads_like_one_big_call():
 
 @given(st.integers(1, 200), st.floats(0.01, 1.0), st.integers(2, 64))
 def test_budget_fraction_and_token_forms_agree(n, frac, length):
-    k = selection.budget_to_count(frac, n, length)
+    k = selection.budget_rows(n, length, fraction=frac)
     assert 1 <= k <= n
     assert abs(k - frac * n) <= 0.5 + 1e-9 or k == 1
-    # The same number of sequences bought with tokens (length >= 2, so k * length > 1).
-    assert selection.budget_to_count(k * length, n, length) == k
-    if k * length - 1 > 1:   # (a budget of exactly 1 means the whole corpus)
-        assert selection.budget_to_count(k * length - 1, n, length) == k
+    # The same number of sequences bought with tokens: whole sequences, rounded up.
+    assert selection.budget_rows(n, length, tokens=k * length) == k
+    assert selection.budget_rows(n, length, tokens=k * length - 1) == k
+    if k < n:
+        assert selection.budget_rows(n, length, tokens=k * length + 1) == k + 1
 
 
 def test_budget_errors_name_the_argument():
-    with pytest.raises(ValueError, match="budget"):
-        selection.budget_to_count(0, 10, 4)
+    with pytest.raises(ValueError, match="fraction"):
+        selection.budget_rows(10, 4, fraction=0.0)
+    with pytest.raises(ValueError, match="fraction"):
+        selection.budget_rows(10, 4, fraction=2.0)
     with pytest.raises(ValueError, match="only 10"):
-        selection.budget_to_count(1000, 10, 4)
+        selection.budget_rows(10, 4, tokens=1000)
+    with pytest.raises(ValueError, match="exactly one"):
+        selection.budget_rows(10, 4, fraction=0.5, tokens=8)
+    with pytest.raises(ValueError, match="exactly one"):
+        selection.budget_rows(10, 4)
+
 
 
 @given(st.integers(0, 10_000), st.integers(1, 50))
@@ -240,6 +249,7 @@ def test_random_subset_is_seeded_and_distinct():
 
 def test_features_with_loss_is_model_features_plus_the_sequence_loss():
     import jax
+
     from mgd.pipeline import model
     cfg = model.GPTConfig(vocab_size=300, seq_len=16, n_layer=1, n_head=2, d_model=16,
                           attention_impl="xla", compute_dtype="float32")
@@ -256,6 +266,7 @@ def test_features_with_loss_is_model_features_plus_the_sequence_loss():
 
 def _tiny_model(seed=0, loss_chunk=512):
     import jax
+
     from mgd.pipeline import model
     cfg = model.GPTConfig(vocab_size=29, seq_len=12, n_layer=2, n_head=2, d_model=16,
                           attention_impl="xla", compute_dtype="float32", loss_chunk=loss_chunk)
@@ -268,6 +279,7 @@ def _random_direction(rng, d=16, ff=64, vocab=29):
             "w_down": rng.standard_normal((ff, d)).astype(np.float32)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_chunk", [512, 7])   # one chunk, and chunks that need padding
 def test_last_layer_alignment_is_the_last_layer_gradient_inner_product(loss_chunk):
     """Against autodiff of each row's mean loss, dotted with fresh random directions: the
@@ -275,6 +287,7 @@ def test_last_layer_alignment_is_the_last_layer_gradient_inner_product(loss_chun
     norm's scale, and the last block's down projection."""
     import jax
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(1, loss_chunk)
     rng = np.random.default_rng(5)
@@ -307,6 +320,7 @@ def test_target_direction_is_the_preconditioned_target_gradient():
     parameter (`parts="all"`) and the last layer's three (the default)."""
     import jax
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(2)
     rng = np.random.default_rng(6)
@@ -335,6 +349,7 @@ def test_target_direction_is_the_preconditioned_target_gradient():
 
 def test_features_with_alignment_append_loss_and_alignment_columns():
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(3)
     rng = np.random.default_rng(7)
@@ -350,11 +365,13 @@ def test_features_with_alignment_append_loss_and_alignment_columns():
     np.testing.assert_allclose(feats[:, 17:], np.asarray(align), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
     """Against autodiff one row at a time: each row's whole loss gradient dotted with a
     fresh random direction over every parameter."""
     import jax
     import jax.numpy as jnp
+
     from mgd.pipeline import model
     cfg, params = _tiny_model(4, loss_chunk=7)
     rng = np.random.default_rng(8)
@@ -364,38 +381,13 @@ def test_gradient_alignment_is_each_rows_whole_gradient_inner_product():
     got = np.asarray(scorer.gradient_alignment(params, direction, seqs, cfg))
     want = np.zeros(5)
     for i in range(5):
-        g = jax.grad(lambda p: model.per_example_loss(p, seqs[i:i + 1], cfg)[0])(params)
+        g = jax.grad(lambda p, i=i: model.per_example_loss(p, seqs[i:i + 1], cfg)[0])(params)
         want[i] = sum(jnp.vdot(a, d) for a, d in zip(jax.tree_util.tree_leaves(g),
                                                      jax.tree_util.tree_leaves(direction)))
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5 * np.abs(want).max())
     assert np.ptp(want) > 0
     with pytest.raises(ValueError, match="direction"):
         scorer.gradient_alignment(params, {"embed": direction["embed"]}, seqs, cfg)
-
-
-def test_preconditioned_gradient_norms_match_per_row_autodiff():
-    """Against autodiff one row at a time: sqrt(sum g^2 / (sqrt(nu / (1 - b2^count)) + eps))
-    over every parameter, with a fresh positive second moment; rows in several batches."""
-    import jax
-    import jax.numpy as jnp
-    from mgd.pipeline import model
-    cfg, params = _tiny_model(5)
-    rng = np.random.default_rng(12)
-    seqs = rng.integers(0, 29, (7, 13)).astype(np.int32)
-    nu = jax.tree_util.tree_map(lambda a: (rng.random(a.shape) * 1e-3 + 1e-6).astype(np.float32),
-                                params)
-    got = scorer.preconditioned_gradient_norms(params, seqs, cfg, nu, 50, batch_size=3)
-    corr = 1 - 0.999 ** 50
-    want = np.zeros(7)
-    for i in range(7):
-        g = jax.grad(lambda p: model.per_example_loss(p, jnp.asarray(seqs[i:i + 1]), cfg)[0])(params)
-        want[i] = np.sqrt(sum(float(jnp.sum(a.astype(jnp.float64) ** 2 / (np.sqrt(v / corr) + 1e-8)))
-                              for a, v in zip(jax.tree_util.tree_leaves(g),
-                                              jax.tree_util.tree_leaves(nu))))
-    np.testing.assert_allclose(got, want, rtol=1e-4)
-    assert np.ptp(want) > 0.01 * want.mean()
-    with pytest.raises(ValueError, match="seqs"):
-        scorer.preconditioned_gradient_norms(params, seqs[:0], cfg, nu, 50)
 
 
 def test_features_with_gradient_alignment_append_the_whole_model_column():
