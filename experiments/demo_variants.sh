@@ -8,10 +8,10 @@
 #     bash experiments/demo_variants.sh [VARIANT ...]     (no VARIANT: all of them)
 #
 # VARIANTs:
-#   gradient   --gradient-alignment
-#   modes      --target-modes=M for M in $MGD_DEMO_MODES (4 16)
-#   rules      the earlier selection rules: no gate (--target-gate=0), and the plain
-#              top k (--target-modes=0 --target-gate=0)
+#   gradient   --set scorer.gradient_alignment=true
+#   modes      --set selection.target_modes=M for M in $MGD_DEMO_MODES (4 16)
+#   rules      the earlier selection rules: no gate (--set selection.target_gate=0), and the plain
+#              top k (--set selection.target_modes=0 --set selection.target_gate=0)
 #   snapshot   the run's base model, Adam second moment and scorer features in bfloat16
 #              (10, 10 and 14 MiB for the demo) under $OUT/snapshot
 #
@@ -49,9 +49,9 @@ variant() {  # NAME FLAG...: the demo's scorer stages again with the FLAGs
 
 for v in ${*:-gradient modes rules snapshot}; do
   case $v in
-    gradient) variant gradient --gradient-alignment ;;
-    modes) for m in ${MGD_DEMO_MODES:-4 16}; do variant "modes$m" "--target-modes=$m"; done ;;
-    rules) variant nogate --target-gate=0; variant topk --target-modes=0 --target-gate=0 ;;
+    gradient) variant gradient --set scorer.gradient_alignment=true ;;
+    modes) for m in ${MGD_DEMO_MODES:-4 16}; do variant "modes$m" --set "selection.target_modes=$m"; done ;;
+    rules) variant nogate --set selection.target_gate=0; variant topk --set selection.target_modes=0 --set selection.target_gate=0 ;;
     snapshot) python3 experiments/run_snapshot.py pack "$base" "$OUT/snapshot" ;;
     *) echo "unknown variant: $v (gradient modes rules snapshot)"; exit 2 ;;
   esac

@@ -1,16 +1,21 @@
 """Each baseline on a small slice of the real shared corpus, with a known right answer:
 biomedical abstracts (on-target) should win over newsgroup/news text (off-target)."""
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mgd.pipeline.baselines import (common, dsir, low_perplexity, oracle_cluster, oracle_labels,
-                                    ppl_correlations, random_subset)
+from mgd.pipeline.baselines import (
+    common,
+    dsir,
+    low_perplexity,
+    oracle_cluster,
+    oracle_labels,
+    ppl_correlations,
+    random_subset,
+)
 from mgd.pipeline.selection import composition
-
 from tests.pipeline.shared_data import DATA
+
 WIDTH = 129   # [L+1] rows of bytes: a byte-level "tokenizer" keeps the test self-contained
 
 
@@ -59,7 +64,7 @@ def _unigram_fit(rows, prior_counts=None):
 
 
 def _unigram_loss(logp, seqs, cfg=None):
-    import jax.numpy as jnp   # traced when the baseline jits its loss function
+    import jax.numpy as jnp  # traced when the baseline jits its loss function
     return -jnp.asarray(logp)[jnp.asarray(seqs)[:, 1:]].mean(axis=1)
 
 

@@ -5,14 +5,13 @@ import gzip
 import json
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mgd.pipeline import artifacts, corpus, sources, tokenizer
-
 from tests.pipeline.shared_data import DATA as SHARED
+
 needs_shared = pytest.mark.skipif(not (SHARED / "ontarget.jsonl.gz").exists(),
                                   reason="the shared offline corpus is not on this machine")
 
