@@ -54,6 +54,9 @@ class CorpusConfig:
     tokenizer_train_docs: int = 3000    # documents per source the BPE is trained on
     max_docs: int | None = None         # read at most this many documents per source
     seed: int = 0
+    # One value of the on-target file's `source` field: its documents become the target
+    # (`target.py`) and stay out of the corpus, which keeps the other sources.
+    target_source: str | None = None
 
     def __post_init__(self):
         for name in ("n_ontarget", "n_offtarget", "n_corrupt", "n_target", "n_eval"):
@@ -170,7 +173,7 @@ def build_corpus(cfg: CorpusConfig, run_dir) -> Corpus:
     if cfg.ontarget is None or cfg.offtarget is None:
         raise ValueError("CorpusConfig: ontarget and offtarget must be sources, not None")
     rng = np.random.default_rng(cfg.seed)
-    on_texts = sources.read_source(cfg.ontarget, limit=cfg.max_docs)
+    on_texts = sources.read_source(cfg.ontarget, limit=cfg.max_docs, skip_source=cfg.target_source)
     off_texts = sources.read_source(cfg.offtarget, limit=cfg.max_docs)
     for label, texts in (("ontarget", on_texts), ("offtarget", off_texts)):
         if not texts:
