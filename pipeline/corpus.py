@@ -22,14 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mgd.errors import UsageError
 from mgd.pipeline import artifacts, sources
 from mgd.pipeline import tokenizer as tok_mod
 
 __all__ = ["CorpusConfig", "Corpus", "build_corpus", "pack_documents", "shuffle_tokens",
-           "CLUSTERS", "ONTARGET", "OFFTARGET", "CORRUPT"]
+           "DocumentsRanOut", "CLUSTERS", "ONTARGET", "OFFTARGET", "CORRUPT"]
 
 ONTARGET, OFFTARGET, CORRUPT = 0, 1, 2
 CLUSTERS = {ONTARGET: "ontarget", OFFTARGET: "offtarget", CORRUPT: "corrupt"}
+
+
+class DocumentsRanOut(UsageError, ValueError):
+    """A source with too little text for the sequences asked of it."""
+
 
 @dataclass(frozen=True)
 class CorpusConfig:
@@ -87,7 +93,7 @@ def pack_documents(encoded_docs, n_seqs: int, width: int, eot: int):
             try:
                 doc, ids = next(it)
             except StopIteration:
-                raise ValueError(f"documents ran out after {filled} of {n_seqs} sequences of "
+                raise DocumentsRanOut(f"documents ran out after {filled} of {n_seqs} sequences of "
                                  f"{width} tokens; read more documents or ask for fewer") from None
             used.append(doc)
             buf.extend(ids)

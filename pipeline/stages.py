@@ -99,7 +99,13 @@ def corpus_stage(run_dir: Path, cfg: RunConfig):
                            f"building from {c.ontarget} + {c.offtarget}"
                            + (f" (without on-target source {c.target_source!r})"
                               if c.target_source else "")))
-    return corpus_mod.build_corpus(c, run_dir)
+    try:
+        return corpus_mod.build_corpus(c, run_dir)
+    except corpus_mod.DocumentsRanOut as err:
+        without = f" without source {c.target_source!r}" if c.target_source else ""
+        raise corpus_mod.DocumentsRanOut(
+            f"corpus: the on-target or off-target source{without} is too small for the asked "
+            f"sizes ({err}); lower corpus.n_ontarget, n_offtarget or n_corrupt") from None
 
 
 def target_spec(cfg: RunConfig) -> tuple[str, str, str | None] | None:

@@ -163,3 +163,18 @@ def test_target_source_at_smoke_scale_moves_one_source_out_of_the_corpus(tmp_pat
         assert text.split("\n\n")[0][:40] in rest_text
     words = describe_target(info, corpus)
     assert name in words[0] and f"{info['eval_documents']} documents" in words[1]
+
+
+@needs_data
+def test_a_corpus_too_small_without_the_target_source_is_one_line(capsys, tmp_path):
+    from mgd import cli
+    out = tmp_path / "r"
+    argv = ["run", "--ontarget", str(DATA / "ontarget.jsonl.gz"), "--offtarget",
+            str(DATA / "offtarget.jsonl.gz"), "--out", str(out), "--no-progress",
+            "--target-source", "Medical", "--set", "corpus.max_docs=10"]
+    assert cli.main(argv) == 2
+    err = [x for x in capsys.readouterr().err.strip().splitlines() if not x.startswith("[mgd ")]
+    assert len(err) == 1, err
+    assert err[0].startswith("mgd: error: corpus: ") and "documents ran out" in err[0]
+    assert "without source 'Medical-Abstracts-TC-Corpus/test'" in err[0]
+    assert "corpus.n_ontarget" in err[0] and not (out / "plan.json").exists()
