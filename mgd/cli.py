@@ -29,6 +29,13 @@ nothing; that output is a valid --config file. Examples:
     mgd run --preset smoke --set oracle.rounds=96 --set scorer.gradient_alignment=true
     mgd run --preset smoke --budget-tokens 2e4 --set selection.methods=metagrad_distilled,random
     mgd run --preset demo --dry-run > demo.toml; mgd run --config demo.toml --yes
+    mgd run --preset smoke --target my_abstracts.jsonl
+    mgd run --preset demo --yes --target-source EBM-NLP
+
+A target of your own (--target FILE, or --target-source NAME for one source of the
+on-target file) is split by document into the metagradient target set and the held-out
+evaluation set every method's loss is measured on; without one, both are held-out
+on-target documents.
 
 Corpus sources: --ontarget/--offtarget (JSON lines with a `text` field, .jsonl or
 .jsonl.gz, or `hf:<dataset>:<config>:<field>` for a hub dataset); else the folder in
@@ -108,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="off-target documents, JSON lines (default: $MGD_DATA_DIR/"
                         "offtarget.jsonl.gz, else C4 from the hub)")
     r.add_argument("--target", metavar="FILE",
-                   help="documents defining the target domain, JSON lines (default: held-out "
+                   help="documents defining the target domain, JSON lines, split by document "
+                        "into the target set and the evaluation set (default: held-out "
                         "on-target documents)")
+    r.add_argument("--target-source", metavar="NAME",
+                   help="the on-target file's documents whose `source` field is NAME (or "
+                        "begins with it) as the target, split like --target; the other "
+                        "sources stay in the corpus (default: none)")
     r.add_argument("--out", metavar="DIR", help="run folder (default: runs/<preset>)")
     budget = r.add_mutually_exclusive_group()
     budget.add_argument("--budget-fraction", type=_fraction, metavar="F",
@@ -144,6 +156,7 @@ def build_config(args):
     options = [("--ontarget", "corpus.ontarget", args.ontarget),
                ("--offtarget", "corpus.offtarget", args.offtarget),
                ("--target", "target", args.target),
+               ("--target-source", "corpus.target_source", args.target_source),
                ("--seeds", "seeds", args.seeds),
                ("--attention-impl", "model.attention_impl", args.attention_impl)]
     for option, path, value in options:

@@ -31,13 +31,20 @@ from mgd.pipeline.oracle import OracleConfig
 from mgd.pipeline.train import TrainConfig
 
 __all__ = ["RunConfig", "ModelConfig", "ScorerConfig", "SelectionConfig", "DsirConfig",
-           "BaselinesConfig", "METHODS", "OURS", "REGRESSORS", "ATTENTION_IMPLS",
+           "BaselinesConfig", "METHODS", "DEFAULT_METHODS", "SIMILARITY_BASELINES", "ABLATIONS",
+           "OURS", "REGRESSORS", "ATTENTION_IMPLS",
            "apply_overrides", "parse_assignment", "load_toml", "to_toml", "to_plan",
            "plan_differences", "validate"]
 
 OURS = "metagrad_distilled"
-METHODS = (OURS, "oracle_labels", "random", "low_perplexity", "ppl_correlations", "dsir",
-           "oracle_ontarget")
+# What a run compares unless told otherwise (the smoke preset runs exactly these).
+DEFAULT_METHODS = (OURS, "oracle_labels", "random", "low_perplexity", "ppl_correlations", "dsir",
+                   "oracle_ontarget")
+# Selection by similarity to the target on the scorer's hidden-state features, no metagradient.
+SIMILARITY_BASELINES = ("nearest_target", "knn_target", "target_classifier")
+# The distilled rule with its score swapped out, and the distilled score without the rule.
+ABLATIONS = ("rule_nearest", "rule_random", "distilled_topk")
+METHODS = DEFAULT_METHODS + SIMILARITY_BASELINES + ABLATIONS
 REGRESSORS = ("ridge", "mlp")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "triton", "cuda")
 NONE_WORDS = ("none", "null")
@@ -80,13 +87,15 @@ class SelectionConfig:
     budget_tokens: int | None = None
     target_modes: int = 4              # 0: the score's top k; M: stratified by M target modes
     target_gate: float = 0.99          # 0: off; else the target-likeness quantile
-    methods: tuple[str, ...] = METHODS
+    knn_k: int = 8                     # knn_target: target rows each corpus row is compared to
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
 
 @dataclass(frozen=True)
 class DsirConfig:
     ngrams: int = 2
     num_buckets: int = 10_000
+    draw_per_seed: bool = True         # a fresh importance resample per seed (else seed 0's for all)
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,10 @@ class RunConfig:
     """Everything that determines a run's results.
 
     `corpus.ontarget` / `corpus.offtarget` None: $MGD_DATA_DIR's files, else the hub
-    (resolved before the run starts). `target` None: held-out on-target documents.
+    (resolved before the run starts). `target` (a file) or `corpus.target_source` (one
+    source of the on-target file): the target's documents, split by document into the
+    metagradient target set and the evaluation set (`target.py`); neither: held-out
+    on-target documents.
     """
     name: str = "custom"
     seeds: int = 3
@@ -367,6 +379,12 @@ def validate(cfg: RunConfig) -> None:
     if not 0 <= sel.target_modes <= cfg.corpus.n_target:
         raise UsageError(f"selection.target_modes must be between 0 and the target set's "
                          f"{cfg.corpus.n_target} sequences, got {sel.target_modes}")
+    if not 1 <= sel.knn_k <= cfg.corpus.n_target:
+        raise UsageError(f"selection.knn_k must be between 1 and the target set's "
+                         f"{cfg.corpus.n_target} sequences, got {sel.knn_k}")
+    if cfg.target is not None and cfg.corpus.target_source is not None:
+        raise UsageError("--target and --target-source (corpus.target_source): give one; "
+                         "each defines the target")
     if not 0 <= sel.target_gate <= 1:
         raise UsageError(f"selection.target_gate must be a quantile in [0, 1] (0: off), "
                          f"got {sel.target_gate}")

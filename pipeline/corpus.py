@@ -22,14 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mgd.errors import UsageError
 from mgd.pipeline import artifacts, sources
 from mgd.pipeline import tokenizer as tok_mod
 
 __all__ = ["CorpusConfig", "Corpus", "build_corpus", "pack_documents", "shuffle_tokens",
-           "CLUSTERS", "ONTARGET", "OFFTARGET", "CORRUPT"]
+           "DocumentsRanOut", "CLUSTERS", "ONTARGET", "OFFTARGET", "CORRUPT"]
 
 ONTARGET, OFFTARGET, CORRUPT = 0, 1, 2
 CLUSTERS = {ONTARGET: "ontarget", OFFTARGET: "offtarget", CORRUPT: "corrupt"}
+
+
+class DocumentsRanOut(UsageError, ValueError):
+    """A source with too little text for the sequences asked of it."""
+
 
 @dataclass(frozen=True)
 class CorpusConfig:
@@ -54,6 +60,9 @@ class CorpusConfig:
     tokenizer_train_docs: int = 3000    # documents per source the BPE is trained on
     max_docs: int | None = None         # read at most this many documents per source
     seed: int = 0
+    # One value of the on-target file's `source` field: its documents become the target
+    # (`target.py`) and stay out of the corpus, which keeps the other sources.
+    target_source: str | None = None
 
     def __post_init__(self):
         for name in ("n_ontarget", "n_offtarget", "n_corrupt", "n_target", "n_eval"):
@@ -84,7 +93,7 @@ def pack_documents(encoded_docs, n_seqs: int, width: int, eot: int):
             try:
                 doc, ids = next(it)
             except StopIteration:
-                raise ValueError(f"documents ran out after {filled} of {n_seqs} sequences of "
+                raise DocumentsRanOut(f"documents ran out after {filled} of {n_seqs} sequences of "
                                  f"{width} tokens; read more documents or ask for fewer") from None
             used.append(doc)
             buf.extend(ids)
@@ -170,7 +179,7 @@ def build_corpus(cfg: CorpusConfig, run_dir) -> Corpus:
     if cfg.ontarget is None or cfg.offtarget is None:
         raise ValueError("CorpusConfig: ontarget and offtarget must be sources, not None")
     rng = np.random.default_rng(cfg.seed)
-    on_texts = sources.read_source(cfg.ontarget, limit=cfg.max_docs)
+    on_texts = sources.read_source(cfg.ontarget, limit=cfg.max_docs, skip_source=cfg.target_source)
     off_texts = sources.read_source(cfg.offtarget, limit=cfg.max_docs)
     for label, texts in (("ontarget", on_texts), ("offtarget", off_texts)):
         if not texts:

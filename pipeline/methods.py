@@ -1,6 +1,10 @@
 """The selection methods compared by a run, as a registry: method name -> a function of
 the run's state that returns its selection. `selection_stage` runs one as a resumable
 stage `select-<method>`.
+
+A method with randomness of its own (random, the on-target oracle, DSIR's resampling,
+perplexity correlations' population, the rule with a random score) draws once per
+training seed, so the seeds measure its spread as well as training's.
 """
 from __future__ import annotations
 
@@ -49,11 +53,11 @@ def distilled_rule(cfg: RunConfig) -> str:
     return rule
 
 
-def distilled_pick(state: RunState, k: int) -> np.ndarray:
-    """k rows by the distilled score: its top k, or stratified by the target's modes and
-    gated by likeness to the target, as the config asks."""
+def rule_pick(state: RunState, scores, k: int) -> np.ndarray:
+    """k rows by `scores` under the distilled selection's rule: the top k, or stratified by
+    the target's modes and gated by likeness to the target, as the config asks."""
     from mgd.pipeline.selection import stratified_top_k, top_k
-    sel, scores = state.cfg.selection, state.scored.scores
+    sel = state.cfg.selection
     if not sel.target_modes and not sel.target_gate:
         return top_k(scores, k)
     fit = state.target_modes
@@ -61,8 +65,12 @@ def distilled_pick(state: RunState, k: int) -> np.ndarray:
     return stratified_top_k(scores, fit.mode_of_row, fit.share, k, eligible)
 
 
-@selector(OURS)
-def _distilled(state: RunState) -> Selection:
+def distilled_pick(state: RunState, k: int) -> np.ndarray:
+    """k rows by the distilled score under the distilled selection's rule."""
+    return rule_pick(state, state.scored.scores, k)
+
+
+def _rule_info(state: RunState) -> dict:
     sel = state.cfg.selection
     info: dict = {"rule": distilled_rule(state.cfg)}
     if sel.target_modes or sel.target_gate:
@@ -70,7 +78,76 @@ def _distilled(state: RunState) -> Selection:
         info["target_mode_share"] = [round(float(x), 4) for x in fit.share]
         if sel.target_gate:
             info["typical_rows"] = int(fit.typical(sel.target_gate).sum())
-    return Selection(distilled_pick(state, state.k), {"scores": state.scored.scores}, info)
+    return info
+
+
+@selector(OURS)
+def _distilled(state: RunState) -> Selection:
+    return Selection(distilled_pick(state, state.k), {"scores": state.scored.scores},
+                     _rule_info(state))
+
+
+# ---------------------------------------------------------------------------------------
+# Similarity to the target on the base model's features (baselines/similarity.py)
+# ---------------------------------------------------------------------------------------
+
+def nearest_target_scores(state: RunState) -> np.ndarray:
+    from mgd.pipeline.baselines import similarity
+    return similarity.nearest_scores(state.target_hidden, state.hidden)
+
+
+@selector("nearest_target")
+def _nearest_target(state: RunState) -> Selection:
+    from mgd.pipeline.selection import top_k
+    score = nearest_target_scores(state)
+    return Selection(top_k(score, state.k), {"scores": score},
+                     {"score": "cosine to the target set's mean hidden state"})
+
+
+@selector("knn_target")
+def _knn_target(state: RunState) -> Selection:
+    from mgd.pipeline.baselines import similarity
+    from mgd.pipeline.selection import top_k
+    k_nn = min(state.cfg.selection.knn_k, state.target_hidden.shape[0])
+    score = similarity.knn_scores(state.target_hidden, state.hidden, k_nn)
+    return Selection(top_k(score, state.k), {"scores": score},
+                     {"score": f"mean cosine to the {k_nn} nearest target rows", "knn_k": k_nn})
+
+
+@selector("target_classifier")
+def _target_classifier(state: RunState) -> Selection:
+    from mgd.pipeline.baselines import similarity
+    from mgd.pipeline.selection import top_k
+    score = similarity.classifier_scores(state.target_hidden, state.hidden)
+    return Selection(top_k(score, state.k), {"scores": score},
+                     {"score": "P(target) of a logistic regression, target rows vs corpus rows"})
+
+
+# ---------------------------------------------------------------------------------------
+# Ablations: the distilled rule with another score, the distilled score without the rule
+# ---------------------------------------------------------------------------------------
+
+@selector("rule_nearest")
+def _rule_nearest(state: RunState) -> Selection:
+    score = nearest_target_scores(state)
+    return Selection(rule_pick(state, score, state.k), {"scores": score},
+                     {**_rule_info(state), "score": "nearest_target's cosine"})
+
+
+@selector("rule_random")
+def _rule_random(state: RunState) -> Selection:
+    n = state.corpus.tokens.shape[0]
+    scores = np.stack([np.random.default_rng(s).random(n) for s in range(state.cfg.seeds)])
+    return Selection(np.stack([rule_pick(state, sc, state.k) for sc in scores]),
+                     {"scores": scores},
+                     {**_rule_info(state), "score": "uniform random, drawn per seed"})
+
+
+@selector("distilled_topk")
+def _distilled_topk(state: RunState) -> Selection:
+    from mgd.pipeline.selection import top_k
+    return Selection(top_k(state.scored.scores, state.k), {"scores": state.scored.scores},
+                     {"rule": "the score's top k"})
 
 
 @selector("oracle_labels")
@@ -106,14 +183,18 @@ def _low_perplexity(state: RunState) -> Selection:
 
 @selector("dsir")
 def _dsir(state: RunState) -> Selection:
-    from mgd.pipeline import sources
+    # The target text is the metagradient target set's, so DSIR sees what the other methods
+    # see (never the evaluation set's documents).
     from mgd.pipeline.baselines import dsir
-    target_texts = (sources.read_source(state.cfg.target) if state.cfg.target
-                    else state.corpus.decode(state.corpus.target_tokens))
+    cfg = state.cfg.baselines.dsir
+    target_texts = state.corpus.decode(state.corpus.target_tokens)
     log.info("dsir: decoding the corpus and fitting hashed n-gram models (one process)")
-    idx, w = dsir.select(state.corpus.texts_by_seq, target_texts, state.k, seed=0, work_dir=None,
-                         progress=state.progress, **dataclasses.asdict(state.cfg.baselines.dsir))
-    return Selection(idx, {"log_importance_weights": w}, {"target_documents": len(target_texts)})
+    seeds = list(range(state.cfg.seeds)) if cfg.draw_per_seed else [0]
+    idx, w = dsir.select_draws(state.corpus.texts_by_seq, target_texts, state.k, seeds,
+                               work_dir=None, progress=state.progress, ngrams=cfg.ngrams,
+                               num_buckets=cfg.num_buckets)
+    return Selection(idx, {"log_importance_weights": w},
+                     {"target_sequences": len(target_texts), "draws": len(seeds)})
 
 
 @selector("ppl_correlations")

@@ -9,7 +9,15 @@ from dataclasses import dataclass
 
 from mgd.errors import UsageError
 from mgd.pipeline.baselines.ppl_correlations import PopulationConfig
-from mgd.pipeline.config import BaselinesConfig, DsirConfig, ModelConfig, RunConfig, ScorerConfig
+from mgd.pipeline.config import (
+    METHODS,
+    BaselinesConfig,
+    DsirConfig,
+    ModelConfig,
+    RunConfig,
+    ScorerConfig,
+    SelectionConfig,
+)
 from mgd.pipeline.continued import ContinuedConfig
 from mgd.pipeline.corpus import CorpusConfig
 from mgd.pipeline.oracle import OracleConfig
@@ -43,8 +51,10 @@ def smoke() -> RunConfig:
         oracle=OracleConfig(k=32, inner_steps=4, inner_lr=1e-4, rounds=48, target_batch=32,
                             pool_size=512),
         scorer=ScorerConfig(mlp_hidden=32, holdout_fraction=0.2, gradient_alignment=False),
+        # The default methods and one DSIR resample for every seed: a test pins the smoke
+        # results; the other methods run with --set selection.methods.
         baselines=BaselinesConfig(
-            dsir=DsirConfig(ngrams=2, num_buckets=2048),
+            dsir=DsirConfig(ngrams=2, num_buckets=2048, draw_per_seed=False),
             population=PopulationConfig(n_models=4, n_domains=4, rows_per_model=256),
             population_train=ContinuedConfig(batch_size=16, lr=1e-3, warmup=2, epochs=1.0,
                                              n_evals=1)),
@@ -53,11 +63,13 @@ def smoke() -> RunConfig:
 
 
 def demo() -> RunConfig:
-    """The demonstration on one H200, at most 8 minutes end to end.
+    """The demonstration on one H200: 7-7.5 minutes end to end with the 7 default methods;
+    the 6 similarity baselines and ablations add 18 continued-pretraining runs (unmeasured).
 
     28k sequences of 128 tokens (8k on-target, 16k off-target, 4k corrupt), a 4-layer
     256-wide model, 256 oracle rounds of 256 rows (8 labels per pooled row), 16 models
-    per seed for perplexity correlations, 3 seeds x 7 methods of continued pretraining.
+    per seed for perplexity correlations, 3 seeds x 13 methods of continued pretraining
+    (the default methods, the similarity baselines and the ablations).
     """
     return RunConfig(
         name="demo",
@@ -75,6 +87,7 @@ def demo() -> RunConfig:
         # better here and worse at smaller scales (see docs/results.md).
         scorer=ScorerConfig(mlp_hidden=256, holdout_fraction=0.2, gradient_alignment=True,
                             feature_batch=512),
+        selection=SelectionConfig(methods=METHODS),
         baselines=BaselinesConfig(
             dsir=DsirConfig(ngrams=2, num_buckets=10_000),
             population=PopulationConfig(n_models=16, n_domains=8, rows_per_model=4096),
@@ -89,10 +102,10 @@ def full() -> RunConfig:
     """The seed experiment at a real scale (GPT-2-small-like model, 512-token sequences,
     700k sequences streamed from PubMed and C4 on the hub).
 
-    Expected time, estimated rather than measured: about 14-18 hours on one H200. Base
+    Expected time, estimated rather than measured: about 16-20 hours on one H200. Base
     pretraining (20k steps of 256 x 512 tokens, ~2.6B tokens) ~3-4 h; the oracle (4096
     rounds) ~2-3 h; the populations (32 models per seed) ~6 h; continued pretraining
-    (21 runs) ~2 h; DSIR's single-process n-gram pass ~15 min; streaming up to 1M
+    (39 runs) ~4 h; DSIR's single-process n-gram pass ~15 min; streaming up to 1M
     documents per source from the hub ~30-60 min.
     """
     return RunConfig(
@@ -108,6 +121,7 @@ def full() -> RunConfig:
         oracle=OracleConfig(k=1024, inner_steps=16, inner_lr=2e-5, rounds=4096, target_batch=512,
                             pool_size=200_000, micro_batch=128),
         scorer=ScorerConfig(mlp_hidden=512, holdout_fraction=0.1, gradient_alignment=False),
+        selection=SelectionConfig(methods=METHODS),
         baselines=BaselinesConfig(
             dsir=DsirConfig(ngrams=2, num_buckets=10_000),
             population=PopulationConfig(n_models=32, n_domains=16, rows_per_model=64_000),
@@ -134,10 +148,12 @@ PRESETS = {"smoke": smoke, "demo": demo, "full": full}
 
 INFO = {
     "smoke": PresetInfo("3-5 minutes on 2 CPU cores (plus JAX compilation on a cold cache)"),
-    "demo": PresetInfo("about 7-7.5 minutes on one H200, the largest part the oracle, then "
-                       "perplexity correlations' populations, DSIR's single-process n-gram pass "
-                       "and continued pretraining", gpu="one H200"),
-    "full": PresetInfo("about 14-18 hours on one H200 (estimate)", gpu="one H200"),
+    "demo": PresetInfo("about 7-7.5 minutes on one H200 with the 7 default methods, the "
+                       "largest part the oracle, then perplexity correlations' populations, "
+                       "DSIR's single-process n-gram pass and continued pretraining; the 6 "
+                       "similarity baselines and ablations add 18 continued-pretraining runs "
+                       "(unmeasured)", gpu="one H200"),
+    "full": PresetInfo("about 16-20 hours on one H200 (estimate)", gpu="one H200"),
 }
 
 

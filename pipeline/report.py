@@ -11,19 +11,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mgd.pipeline.config import METHODS, OURS
+from mgd.pipeline.config import ABLATIONS, METHODS, OURS, SIMILARITY_BASELINES
+from mgd.pipeline.paired import AHEAD, paired_differences
 
 CLUSTER_NAMES = ("on-target", "off-target", "corrupt")
-# One colour per method in every plot (tab10 entries; ours the red that stands out).
+# One colour per method in every plot (ours the red that stands out; its ablations in
+# shades of it).
 METHOD_COLORS = dict(zip(METHODS, ("tab:red", "tab:orange", "tab:gray", "tab:brown",
-                                   "tab:purple", "tab:blue", "tab:green")))
-BASELINES_TO_BEAT = ("random", "low_perplexity", "ppl_correlations", "dsir")
+                                   "tab:purple", "tab:blue", "tab:green", "tab:cyan",
+                                   "tab:olive", "tab:pink", "darkred", "salmon", "gold")))
+BASELINES_TO_BEAT = ("random", "low_perplexity", "ppl_correlations", "dsir") + SIMILARITY_BASELINES
 INFORMATIONAL = ("These bars are set for the demo preset's scale; at this scale they are "
                  "informational (a [FAIL] here says nothing about the method).")
 
 
 def method_color(method: str) -> str:
-    return METHOD_COLORS.get(method, "tab:olive")
+    return METHOD_COLORS.get(method, "black")
 
 
 def results_frame(results: list[dict]) -> pd.DataFrame:
@@ -59,8 +62,11 @@ def spearman_vs_labels(scorer_summary: dict | None) -> float | None:
 
 
 def bar_checks(summary: pd.DataFrame, scorer_summary: dict | None, top_share: float | None,
+               paired: pd.DataFrame | None = None,
                aim_spearman: float = 0.85) -> list[tuple[str, bool | None, str]]:
-    """The demo's bar, as (check, passed or None if not measurable, detail)."""
+    """The demo's bar, as (check, passed or None if not measurable, detail). Against each
+    baseline the check passes only when the paired 95% interval of ours - baseline over
+    seeds lies below zero (`paired.py`)."""
     checks = []
     rho = spearman_vs_labels(scorer_summary)
     checks.append((f"distilled scorer held-out Spearman vs oracle >= {aim_spearman}",
@@ -68,12 +74,20 @@ def bar_checks(summary: pd.DataFrame, scorer_summary: dict | None, top_share: fl
                    "n/a" if rho is None else f"{rho:.3f} ({scorer_summary['winner']})"))
     means = summary["eval_loss_mean"]
     ours = means.get(OURS)
+    paired = paired if paired is not None else pd.DataFrame()
     for other in BASELINES_TO_BEAT:
-        if ours is None or other not in means:
-            checks.append((f"eval loss below {other}", None, "method not run"))
-        else:
-            checks.append((f"eval loss below {other}", bool(ours < means[other]),
-                           f"{ours:.4f} vs {means[other]:.4f}"))
+        name = f"eval loss below {other} (paired 95% interval over seeds below zero)"
+        if ours is None or other not in means or other not in paired.index:
+            checks.append((name, None, "method not run"))
+            continue
+        p = paired.loc[other]
+        if p["seeds"] < 2:
+            checks.append((name, None, f"{int(p['seeds'])} seed: no interval"))
+            continue
+        checks.append((name, bool(p["verdict"] == AHEAD),
+                       f"{ours:.4f} vs {means[other]:.4f}; difference {p['diff_mean']:+.4f} "
+                       f"[{p['diff_low']:+.4f}, {p['diff_high']:+.4f}] over {int(p['seeds'])} "
+                       f"seeds: {p['verdict']}"))
     if ours is None or "oracle_ontarget" not in means:
         checks.append(("eval loss within 1% of the on-target oracle", None, "method not run"))
     else:
@@ -104,7 +118,8 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
                  base_eval_loss: float | None = None, top_share: float | None = None,
                  meta: dict | None = None, out_dir=None,
                  oracle_summary: dict | None = None,
-                 bars_informational: bool = False) -> pd.DataFrame:
+                 bars_informational: bool = False,
+                 eval_set: str = "held-out on-target set") -> pd.DataFrame:
     """Write results.csv, report.md and the plots into `out_dir` (default run_dir).
 
     logs: {(method, seed): training log}; selections: {method: the rows of all its
@@ -112,7 +127,8 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
     draw per seed)};
     heldout: {"labels", "pred"} of the scorer's held-out rows;
     bars_informational: the run is not at the scale the demo bar is set for (the
-    checklist then says so above its lines).
+    checklist then says so above its lines);
+    eval_set: what the evaluation loss is measured on, in words.
     Returns the per-method summary.
     """
     out = Path(out_dir or run_dir)
@@ -128,7 +144,11 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
     if heldout is not None:
         plots["oracle_vs_predicted.png"] = plot_oracle_vs_pred(
             heldout["labels"], heldout["pred"], out / "oracle_vs_predicted.png")
-    checks = bar_checks(summary, scorer_summary, top_share)
+    paired = paired_differences(df, OURS)
+    if len(paired):
+        paired.to_csv(out / "paired.csv")
+    checks = bar_checks(summary, scorer_summary, top_share, paired)
+    ablations = [m for m in ABLATIONS if m in summary.index]
 
     lines = ["# MetaGrad-Distill run report", ""]
     if meta:
@@ -136,10 +156,24 @@ def write_report(run_dir, results: list[dict], logs: dict, selections: dict, clu
     if base_eval_loss is not None:
         lines += [f"Base model before continued pretraining: eval loss {base_eval_loss:.4f} "
                   f"(perplexity {math.exp(base_eval_loss):.2f}).", ""]
-    lines += ["## Evaluation loss after continued pretraining (held-out on-target set)", "",
+    lines += [f"## Evaluation loss after continued pretraining ({eval_set})", "",
               "Mean, standard deviation and standard error over seeds; lower is better. "
               "Shares are the ground-truth cluster composition of each selection.", "",
-              markdown_table(summary), ""]
+              markdown_table(summary.drop(index=ablations)), ""]
+    if ablations:
+        lines += ["## Ablations: the distilled rule and the distilled score apart", "",
+                  "rule_nearest and rule_random: the distilled selection's rule with the "
+                  "score replaced by the nearest-to-target cosine and by a random score; "
+                  "distilled_topk: the distilled score's plain top k. Same columns as above.",
+                  "", markdown_table(summary.loc[[m for m in (OURS, *ablations)
+                                                  if m in summary.index]]), ""]
+    if len(paired):
+        lines += [f"## Paired comparison: {OURS} minus each method", "",
+                  "Per seed, the distilled selection's evaluation loss minus the other "
+                  "method's (same training seed); the mean over seeds and its 95% "
+                  "t-interval. Negative: the distilled selection is ahead. \"ahead\" / "
+                  "\"behind\" only when the interval excludes zero.", "",
+                  markdown_table(paired), ""]
     if oracle_summary:
         o = oracle_summary
         means = ", ".join(f"{k} {v:+.3f}" for k, v in o.get("label_mean_by_cluster", {}).items())

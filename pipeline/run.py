@@ -3,8 +3,9 @@
 Stages, each a folder of the run folder that is complete iff it holds `DONE`:
 
     corpus        build the three clusters, target and evaluation sets   (corpus.py)
-    target        only with a target file: the target set from that file
     base          pretrain the base model on the mixed corpus            (stages.py)
+    target        only with --target or --target-source: the target's documents split
+                  into the target set and the evaluation set             (target.py)
     oracle        metagradient labels on a pool of rows                  (oracle.py)
     features      the scorer's features of every row
     scorer        ridge vs MLP on the oracle labels; score every row
@@ -38,12 +39,14 @@ from mgd.pipeline.stages import (
     RunState,
     base_stage,
     corpus_stage,
+    describe_target,
     features_stage,
     load_params,
     oracle_stage,
     remove_tree,
     save_params,
     scorer_stage,
+    target_stage,
 )
 
 __all__ = ["run", "prepare", "resolve_sources", "check_environment", "RunResult",
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 
 # The report's bars are set for the demo's scale; at other scales they are informational.
 BAR_SCALES = ("demo", "full")
+# results.csv's `eval_set` column, present only when the run has a target of its own.
+EVAL_SET_OF_TARGET = "target held-out documents"
 
 
 @dataclass
@@ -92,6 +97,9 @@ def resolve_sources(cfg: RunConfig, env=None) -> RunConfig:
     if cfg.target is not None and not Path(cfg.target).is_file():
         raise UsageError(f"--target {cfg.target}: no such file")
     target = str(Path(cfg.target).resolve()) if cfg.target else None
+    if cfg.corpus.target_source is not None:
+        from mgd.pipeline.sources import resolve_source_name
+        chosen["target_source"] = resolve_source_name(chosen["ontarget"], cfg.corpus.target_source)
     corpus = dataclasses.replace(cfg.corpus, **chosen)
     return cfg.replace(corpus=corpus, target=target)
 
@@ -203,12 +211,17 @@ def run(cfg: RunConfig | str = "smoke", out=None, *, progress: bool = True, yes:
                           **dataclasses.asdict(cfg.model))
 
     base, base_eval, adam = base_stage(run_dir, cfg, corpus, model_cfg, progress)
+    corpus, target_info = target_stage(run_dir, cfg, corpus)
+    if target_info is not None:
+        from mgd.pipeline.train import eval_loss
+        base_eval = eval_loss(base, corpus.eval_tokens, model_cfg, cfg.loss_batch)
+        log.info(f"base: eval loss on the target's held-out documents {base_eval:.4f}")
     labels = oracle_stage(run_dir, cfg, corpus, model_cfg, base, adam, progress)
     feats = features_stage(run_dir, cfg, corpus, model_cfg, base, adam, progress)
     scored = scorer_stage(run_dir, cfg, feats, labels)
     state = RunState(run_dir=run_dir, cfg=cfg, corpus=corpus, model_cfg=model_cfg, base=base,
                      base_eval_loss=base_eval, k=k, hidden=feats[:, :model_cfg.d_model],
-                     labels=labels, scored=scored, progress=progress)
+                     labels=labels, scored=scored, progress=progress, target_info=target_info)
     selections = {m: selection_stage(m, state) for m in sel.methods}
     results, logs, trained_now = continued_stages(state, selections)
     top_share, summary = report_stage(state, selections, results, logs, trained_now)
@@ -236,6 +249,8 @@ def continued_stages(state: RunState, selections: dict):
             share = composition(idx, state.corpus.cluster, 3)
             res.update(ontarget_share=float(share[0]), offtarget_share=float(share[1]),
                        corrupt_share=float(share[2]))
+            if state.target_info is not None:
+                res["eval_set"] = EVAL_SET_OF_TARGET
             results.append(res)
             logs[(m, s)] = tlog
     log.info("continued: all runs complete")
@@ -252,6 +267,7 @@ def report_stage(state: RunState, selections: dict, results, logs, trained_now: 
     top10 = distilled_pick(state, max(1, round(0.1 * n)))
     top_share = float(composition(top10, corpus.cluster, 3)[0])
     at_bar_scale = cfg.name in BAR_SCALES
+    target_words, eval_words = describe_target(state.target_info, corpus)
     st = artifacts.stage(run_dir, "report")
     if st.done and trained_now:
         remove_tree(st.path)   # new results: the old report is stale (and cheap to rebuild)
@@ -266,9 +282,12 @@ def report_stage(state: RunState, selections: dict, results, logs, trained_now: 
                 heldout={"labels": state.scored.heldout_labels, "pred": state.scored.heldout_pred},
                 base_eval_loss=state.base_eval_loss, top_share=top_share, out_dir=tmp,
                 oracle_summary=oracle_summary, bars_informational=not at_bar_scale,
+                eval_set=("held-out documents of the target" if state.target_info
+                          else "held-out on-target set"),
                 meta={"preset": cfg.name, "sequences": n, "seq_len": seq_len,
                       "budget": f"{state.k} sequences ({state.k * seq_len} tokens)",
-                      "seeds": cfg.seeds, "oracle labeled rows": len(state.labels.indices),
+                      "seeds": cfg.seeds, "target": target_words, "evaluation set": eval_words,
+                      "oracle labeled rows": len(state.labels.indices),
                       "distilled selection": distilled_rule(cfg),
                       "on-target share of the distilled top 10%": f"{100 * top_share:.1f}%"})
     # The report's files also sit at the top of the run folder, where people look.

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mgd.errors import UsageError
 from mgd.pipeline import artifacts
 from mgd.pipeline.config import RunConfig
 
@@ -42,19 +41,25 @@ class RunState:
     labels: object          # oracle.Labels
     scored: Scored
     progress: bool
+    target_info: dict | None = None   # what a target of the run's own holds (target_stage)
+
+    @cached_property
+    def target_hidden(self) -> np.ndarray:
+        """[n_target, d_model] the base model's mean-pooled hidden states of the target set
+        (the features `hidden` holds for the corpus)."""
+        from mgd.pipeline import scorer as scorer_mod
+        return scorer_mod.extract_features(self.base, self.corpus.target_tokens, self.model_cfg,
+                                           batch_size=self.cfg.scorer.feature_batch,
+                                           progress=False)
 
     @cached_property
     def target_modes(self):
         """`selection.TargetModes` of the target set (one mode when only the gate is on),
         computed once per run from the base model's mean-pooled hidden states."""
-        from mgd.pipeline import scorer as scorer_mod
         from mgd.pipeline.selection import fit_target_modes
-        m = max(1, self.cfg.selection.target_modes)
+        m = min(max(1, self.cfg.selection.target_modes), self.corpus.target_tokens.shape[0])
         log.info(f"select: {m} mode{'s' if m > 1 else ''} of the target set")
-        target = scorer_mod.extract_features(self.base, self.corpus.target_tokens, self.model_cfg,
-                                             batch_size=self.cfg.scorer.feature_batch,
-                                             progress=False)
-        return fit_target_modes(target, self.hidden, m, seed=0)
+        return fit_target_modes(self.target_hidden, self.hidden, m, seed=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,41 +92,88 @@ def load_params(path, model_cfg):
 # ---------------------------------------------------------------------------------------
 
 def corpus_stage(run_dir: Path, cfg: RunConfig):
-    """The corpus (and, with `cfg.target`, the target rows from that file)."""
+    """The corpus: its clusters, and its own held-out target and evaluation sets."""
     from mgd.pipeline import corpus as corpus_mod
     c = cfg.corpus
     log.info("corpus: " + ("reusing" if (run_dir / "corpus" / "DONE").exists() else
-                           f"building from {c.ontarget} + {c.offtarget}"))
-    corpus = corpus_mod.build_corpus(c, run_dir)
+                           f"building from {c.ontarget} + {c.offtarget}"
+                           + (f" (without on-target source {c.target_source!r})"
+                              if c.target_source else "")))
+    try:
+        return corpus_mod.build_corpus(c, run_dir)
+    except corpus_mod.DocumentsRanOut as err:
+        without = f" without source {c.target_source!r}" if c.target_source else ""
+        raise corpus_mod.DocumentsRanOut(
+            f"corpus: the on-target or off-target source{without} is too small for the asked "
+            f"sizes ({err}); lower corpus.n_ontarget, n_offtarget or n_corrupt") from None
+
+
+def target_spec(cfg: RunConfig) -> tuple[str, str, str | None] | None:
+    """(option, file, source) of the run's own target: a --target file, or one source of
+    the on-target file; None when the target is the corpus's held-out on-target set."""
     if cfg.target:
-        corpus = dataclasses.replace(
-            corpus, target_tokens=custom_target_stage(run_dir, corpus, cfg.target, c.n_target))
-    return corpus
+        return "--target", cfg.target, None
+    if cfg.corpus.target_source:
+        return "--target-source", cfg.corpus.ontarget, cfg.corpus.target_source
+    return None
 
 
-def custom_target_stage(run_dir, corpus, path: str, n_target: int) -> np.ndarray:
-    """The --target file's documents, tokenized with the corpus tokenizer and packed into
-    up to `n_target` rows the way the corpus packs its pools (stage `target`)."""
-    from mgd.pipeline import corpus as corpus_mod
+def target_stage(run_dir: Path, cfg: RunConfig, corpus):
+    """(corpus, info): with a target of the run's own (`target_spec`), the corpus with its
+    target and evaluation sets replaced by the target's documents split by document
+    (`target.split_documents`, stage `target`), and what the split holds; else the
+    corpus as it is and None."""
     from mgd.pipeline import sources
+    from mgd.pipeline.target import split_documents
+    spec = target_spec(cfg)
+    if spec is None:
+        return corpus, None
+    option, path, source = spec
     st = artifacts.stage(run_dir, "target")
     if not st.done:
-        texts = sources.read_source(path)
-        if not texts:
-            raise UsageError(f"--target {path}: no documents")
+        texts = sources.read_source(path, limit=cfg.corpus.max_docs, only_source=source)
         enc = [e.ids for e in corpus.tokenizer.encode_batch(texts)]
-        width = corpus.tokens.shape[1]
-        available = sum(len(e) + 1 for e in enc) // width
-        if available < 1:
-            raise UsageError(f"--target {path}: its documents make less than one {width}-token row")
-        rows, _, used = corpus_mod.pack_documents(enumerate(enc), min(n_target, available),
-                                                  width, corpus.eot)
-        log.info(f"target: {rows.shape[0]} rows from {len(used)} documents of {path}")
+        split = split_documents(enc, cfg.corpus.n_target, cfg.corpus.n_eval,
+                                corpus.tokens.shape[1], corpus.eot, seed=cfg.corpus.seed,
+                                name=f"{option} {source or path}")
+        where = str(path).partition("#")[0]
+        info = {"option": option, "file": where, "source": source,
+                **split.summary(len(texts))}
+        log.info(f"target: {info['documents']} documents of "
+                 + (f"source {source!r} of " if source else "") + f"{where}: target set "
+                 f"{info['target_rows']} rows from {info['target_documents']} documents, "
+                 f"evaluation set {info['eval_rows']} rows from {info['eval_documents']}")
         with st as tmp:
-            artifacts.atomic_save_arrays(tmp / "target.npz", target_tokens=rows)
-            artifacts.atomic_write_json(tmp / "info.json", {"source": path, "rows": rows.shape[0],
-                                                             "documents": len(used)})
-    return artifacts.load_arrays(st.path / "target.npz")["target_tokens"]
+            artifacts.atomic_save_arrays(tmp / "target.npz", target_tokens=split.target_tokens,
+                                         eval_tokens=split.eval_tokens,
+                                         target_docs=split.target_docs, eval_docs=split.eval_docs)
+            artifacts.atomic_write_json(tmp / "info.json", info)
+    a = artifacts.load_arrays(st.path / "target.npz")
+    info = artifacts.read_json(st.path / "info.json")
+    # -1: these rows come from the target's documents, which the on-target ids do not index.
+    corpus = dataclasses.replace(
+        corpus, target_tokens=a["target_tokens"], eval_tokens=a["eval_tokens"],
+        target_doc_id=np.full(a["target_tokens"].shape[0], -1, np.int64),
+        eval_doc_id=np.full(a["eval_tokens"].shape[0], -1, np.int64))
+    return corpus, info
+
+
+def describe_target(info: dict | None, corpus) -> tuple[str, str]:
+    """(the target, the evaluation set), in words for the report."""
+    if info is None:
+        t, e = corpus.stats["target"], corpus.stats["eval"]
+        return (f"held-out on-target documents ({t['documents']} documents, "
+                f"{t['sequences']} sequences)",
+                f"held-out on-target documents ({e['documents']} documents, {e['sequences']} "
+                f"sequences; none in the corpus or the target set)")
+    where = (f"source {info['source']!r} of {info['file']}" if info["source"]
+             else f"the target file {info['file']}")
+    target = (f"{where}: {info['documents']} documents, split by document; the target set "
+              f"is {info['target_rows']} sequences from {info['target_documents']} of them")
+    evals = (f"held-out documents of {where}: {info['eval_rows']} sequences from the other "
+             f"{info['eval_documents']} documents (none in the target set; the corpus's "
+             f"on-target cluster is a label for composition only)")
+    return target, evals
 
 
 def base_stage(run_dir: Path, cfg: RunConfig, corpus, model_cfg, progress: bool):

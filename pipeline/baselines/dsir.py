@@ -58,7 +58,16 @@ def importance_weights(texts, target_texts, work_dir, *, ngrams: int = 2,
 
 def select(texts, target_texts, k: int, seed: int, *, work_dir=None, ngrams: int = 2,
            num_buckets: int = 10_000, progress: bool = False):
-    """(indices [k], log_weights [N]): DSIR's importance resampling of k sequences.
+    """(indices [k], log_weights [N]): DSIR's importance resampling of k sequences."""
+    draws, weights = select_draws(texts, target_texts, k, [seed], work_dir=work_dir,
+                                  ngrams=ngrams, num_buckets=num_buckets, progress=progress)
+    return draws[0], weights
+
+
+def select_draws(texts, target_texts, k: int, seeds, *, work_dir=None, ngrams: int = 2,
+                 num_buckets: int = 10_000, progress: bool = False):
+    """(indices [len(seeds), k], log_weights [N]): one importance resample of k sequences
+    per seed, from one fit of the n-gram models.
 
     The package's `resample` picks rows (Gumbel top-k, seeded here through NumPy's
     global generator, which the package uses) and writes them out; each row carries its
@@ -70,24 +79,31 @@ def select(texts, target_texts, k: int, seed: int, *, work_dir=None, ngrams: int
         work = Path(work_dir)
         weights, dsir = importance_weights(texts, target_texts, work, ngrams=ngrams,
                                            num_buckets=num_buckets, progress=progress)
-        # The min_example_length filter in resample works in words; sequences here are
-        # fixed token windows, so every one is eligible (min_example_length=1 above).
-        state = np.random.get_state()
-        np.random.seed(seed)
-        try:
-            with _quiet(not progress):
-                dsir.resample(out_dir=str(work / "selected"), num_to_sample=k,
-                              cache_dir=str(work / "resample-cache"))
-        finally:
-            np.random.set_state(state)
-        indices = []
-        for path in sorted((work / "selected").glob("*.jsonl")):
-            with open(path) as f:
-                indices.extend(json.loads(line)["row"] for line in f if line.strip())
+        draws = [_resample(dsir, work / f"draw-{i}", k, seed, progress)
+                 for i, seed in enumerate(seeds)]
+    return np.stack(draws), weights
+
+
+def _resample(dsir, work: Path, k: int, seed: int, progress: bool) -> np.ndarray:
+    """[k] sorted corpus rows of one seeded resample."""
+    # The min_example_length filter in resample works in words; sequences here are
+    # fixed token windows, so every one is eligible (min_example_length=1 above).
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with _quiet(not progress):
+            dsir.resample(out_dir=str(work / "selected"), num_to_sample=k,
+                          cache_dir=str(work / "resample-cache"))
+    finally:
+        np.random.set_state(state)
+    indices = []
+    for path in sorted((work / "selected").glob("*.jsonl")):
+        with open(path) as f:
+            indices.extend(json.loads(line)["row"] for line in f if line.strip())
     indices = np.sort(np.asarray(indices, dtype=np.int64))
     if indices.shape[0] != k or np.unique(indices).shape[0] != k:
         raise RuntimeError(f"DSIR resample returned {indices.shape[0]} rows, expected {k}")
-    return indices, weights
+    return indices
 
 
 def _write_jsonl(path: Path, texts) -> Path:

@@ -52,8 +52,17 @@ def test_presets_keep_their_settings():
         p = presets.get(name)
         assert (p.seeds, p.selection.budget_fraction, p.selection.budget_tokens) == (3, 0.1, None)
         assert (p.selection.target_modes, p.selection.target_gate) == (4, 0.99)
-        assert p.selection.methods == config.METHODS and presets.INFO[name].expected_time
+        assert presets.INFO[name].expected_time
         config.validate(p)
+    # The smoke preset runs the default methods (its results are pinned); demo and full
+    # every method, the similarity baselines and the ablations included.
+    assert presets.smoke().selection.methods == config.DEFAULT_METHODS
+    assert not presets.smoke().baselines.dsir.draw_per_seed
+    for name in ("demo", "full"):
+        p = presets.get(name)
+        assert p.selection.methods == config.METHODS and p.baselines.dsir.draw_per_seed
+    assert set(config.METHODS) == set(config.DEFAULT_METHODS) | set(
+        config.SIMILARITY_BASELINES) | set(config.ABLATIONS)
     demo = presets.demo()
     assert (demo.oracle.k, demo.oracle.inner_lr, demo.oracle.rounds, demo.oracle.pool_size) == \
         (256, 3e-5, 256, 8192)
@@ -200,6 +209,9 @@ def test_version_option(capsys):
     (["--set", "selection.methods=nope"], ["selection.methods", "nope", "dsir"]),
     (["--attention-impl", "nope"], ["--attention-impl nope", "auto, xla, pallas, triton, cuda"]),
     (["--set", "model.n_head=3"], ["model:", "divisible"]),
+    (["--set", "selection.knn_k=0"], ["selection.knn_k", "64"]),
+    (["--target", "t.jsonl", "--target-source", "x"], ["--target and --target-source", "one"]),
+    (["--target-source", "EBM"], ["--target-source EBM", "local on-target file"]),
 ])
 def test_bad_options_give_one_line_before_anything_runs(capsys, tmp_path, argv, words):
     out = tmp_path / "run"

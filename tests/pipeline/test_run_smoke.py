@@ -12,7 +12,7 @@ import pytest
 
 from mgd.errors import UsageError
 from mgd.pipeline import presets
-from mgd.pipeline.config import METHODS, apply_overrides
+from mgd.pipeline.config import DEFAULT_METHODS, apply_overrides
 from tests.pipeline.shared_data import DATA, needs_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "smoke_results.csv"
@@ -53,7 +53,7 @@ def test_smoke_preset_runs_every_stage_and_baseline(smoke_run):
     assert (out / "plan.json").exists()
     import pandas as pd
     df = pd.read_csv(out / "results.csv")
-    assert sorted(df["method"].unique()) == sorted(METHODS)
+    assert sorted(df["method"].unique()) == sorted(DEFAULT_METHODS)
     assert (df.groupby("method").size() == 3).all()
     assert df["eval_loss"].notna().all() and (df["eval_loss"] > 0).all()
     # Same token budget for every method.
@@ -137,22 +137,34 @@ def test_a_different_setting_refuses_to_reuse_the_run_folder(smoke_run):
 
 
 @needs_data
-def test_target_file_becomes_the_target_rows(smoke_run, tmp_path):
+def test_target_file_is_split_into_target_and_evaluation_rows(smoke_run, tmp_path):
     from mgd.pipeline.corpus import Corpus
-    from mgd.pipeline.stages import custom_target_stage
+    from mgd.pipeline.stages import target_stage
+    from mgd.pipeline.target import TargetTooSmall
     out, _ = smoke_run
     corpus = Corpus.load(out)
     docs = tmp_path / "target.jsonl"
     texts = ["Randomized trial of aspirin in patients with stable angina. " * 3,
              "Serum cholesterol and coronary risk in a cohort of 400 adults. " * 3]
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    rows = custom_target_stage(tmp_path / "run", corpus, str(docs), 64)
+    cfg = _smoke(target=str(docs))
+    split, info = target_stage(tmp_path / "run", cfg, corpus)
     width = corpus.tokens.shape[1]
-    assert rows.ndim == 2 and rows.shape[1] == width and 1 <= rows.shape[0] <= 64
-    # The rows are the file's text, tokenized with the corpus tokenizer.
-    assert "aspirin" in corpus.decode(rows[:1])[0]
-    again = custom_target_stage(tmp_path / "run", corpus, str(docs), 64)
-    assert (again == rows).all()
+    assert split.target_tokens.shape[1] == split.eval_tokens.shape[1] == width
+    assert info["documents"] == 2 and info["target_documents"] == info["eval_documents"] == 1
+    # One document each: the rows are the file's text, tokenized with the corpus tokenizer,
+    # and the two sets never share a document.
+    first = [corpus.decode(rows[:1])[0] for rows in (split.target_tokens, split.eval_tokens)]
+    assert sorted("aspirin" in f for f in first) == [False, True]
+    assert sorted("cholesterol" in f for f in first) == [False, True]
+    again, _ = target_stage(tmp_path / "run", cfg, corpus)
+    assert (again.eval_tokens == split.eval_tokens).all()
+    # The training corpus is untouched: the target only replaces the target and eval sets.
+    assert (split.tokens == corpus.tokens).all()
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": texts[0]}) + "\n")
+    with pytest.raises(TargetTooSmall, match="at least 2 documents"):
+        target_stage(tmp_path / "run1", _smoke(target=str(one)), corpus)
 
 
 @needs_data
@@ -220,3 +232,122 @@ def test_target_modes_and_gate_variants_shape_the_distilled_selection(smoke_run,
         assert info["typical_rows"] == int(typical.sum())
         assert typical[picked].sum() == min(k, typical.sum())
     assert distilled_rule(cfg) in (variant / "report.md").read_text()
+
+
+# ------------------------------------------------------------------ a target of the user's own
+
+TARGET_DOCS = 300
+TARGET_METHODS = ("metagrad_distilled", "random", "dsir", "nearest_target", "knn_target",
+                  "target_classifier", "rule_nearest", "rule_random", "distilled_topk")
+
+
+@pytest.fixture(scope="module")
+def target_run(smoke_run, tmp_path_factory):
+    """`mgd run --target FILE` with EBM-NLP abstracts from the shared on-target file (not in
+    the smoke corpus, which reads that file's first 2,000 documents, all OHSUMED), the
+    similarity baselines and the ablations, DSIR drawn per seed.
+
+    The run starts from the default run's corpus and base model, copied: a target changes
+    neither (the corpus's training rows and the base training are the same), only the
+    stages after them, so the run saves the base training's time."""
+    import shutil
+
+    from mgd.pipeline import sources
+    default, _ = smoke_run
+    tmp = tmp_path_factory.mktemp("target")
+    name = sources.resolve_source_name(str(DATA / "ontarget.jsonl.gz"), "EBM-NLP")
+    docs = sources.read_jsonl(DATA / "ontarget.jsonl.gz", only_source=name)[:TARGET_DOCS]
+    path = tmp / "ebm.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    out = tmp / "run"
+    out.mkdir()
+    for stage in ("corpus", "base"):
+        shutil.copytree(default / stage, out / stage)
+    proc = _mgd_run(out, "--target", str(path), "--set",
+                    f"selection.methods={','.join(TARGET_METHODS)}",
+                    "--set", "baselines.dsir.draw_per_seed=true")
+    return out, path, docs, proc
+
+
+@needs_data
+def test_target_run_evaluates_on_the_target_files_held_out_documents(smoke_run, target_run):
+    import pandas as pd
+
+    from mgd.pipeline import artifacts
+    from mgd.pipeline.corpus import Corpus
+    from mgd.pipeline.model import GPTConfig
+    from mgd.pipeline.run import EVAL_SET_OF_TARGET, load_params
+    from mgd.pipeline.train import eval_loss
+    default, _ = smoke_run
+    out, path, docs, proc = target_run
+    info = json.loads((out / "target" / "info.json").read_text())
+    assert info["file"] == str(path) and info["documents"] == TARGET_DOCS
+    assert info["target_documents"] + info["eval_documents"] == TARGET_DOCS
+    assert (info["target_rows"], info["eval_rows"]) == (64, 64)
+    split = artifacts.load_arrays(out / "target" / "target.npz")
+    assert not set(split["target_docs"].tolist()) & set(split["eval_docs"].tolist())
+    # The evaluation rows are text of the held-out documents, none of the target's.
+    corpus = Corpus.load(out)
+    held_out = "\n".join(docs[d] for d in split["eval_docs"])
+    in_target = "\n".join(docs[d] for d in split["target_docs"])
+    for text in corpus.decode(split["eval_tokens"][:8]):
+        piece = max(text.split("\n\n"), key=len)[:60]
+        assert piece in held_out and piece not in in_target
+    # Every method's loss and the base loss are measured on those rows.
+    df = pd.read_csv(out / "results.csv")
+    assert sorted(df["method"].unique()) == sorted(TARGET_METHODS)
+    assert (df["eval_set"] == EVAL_SET_OF_TARGET).all()
+    model_cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=corpus.seq_len, n_layer=1,
+                          n_head=2, d_model=32, compute_dtype="float32")
+    base = load_params(out / "base" / "params.npz", model_cfg)
+    want = eval_loss(base, split["eval_tokens"], model_cfg, 256)
+    np.testing.assert_allclose(df["base_eval_loss"], want, rtol=1e-6)
+    default_base = pd.read_csv(default / "results.csv")["base_eval_loss"].iloc[0]
+    assert abs(want - default_base) > 1e-3
+    report = (out / "report.md").read_text()
+    assert str(path) in report and f"{TARGET_DOCS} documents" in report
+    assert "(held-out documents of the target)" in report
+    assert f"the other {info['eval_documents']} documents" in report
+    # The corpus's on-target cluster is only a label for the composition columns.
+    assert "a label for composition only" in report
+
+
+@needs_data
+def test_target_run_compares_every_method_by_a_paired_interval(target_run):
+    import pandas as pd
+    from scipy import stats
+
+    from mgd.pipeline import artifacts
+    from mgd.pipeline.config import ABLATIONS, OURS, SIMILARITY_BASELINES
+    from mgd.pipeline.selection import top_k
+    out, _, _, _ = target_run
+    df = pd.read_csv(out / "results.csv")
+    assert (df.groupby("method").size() == 3).all()
+    wide = df.pivot(index="seed", columns="method", values="eval_loss")
+    paired = pd.read_csv(out / "paired.csv", index_col="method")
+    assert set(paired.index) == set(TARGET_METHODS) - {OURS}
+    for m in paired.index:
+        ci = stats.ttest_rel(wide[OURS], wide[m]).confidence_interval(0.95)
+        np.testing.assert_allclose(paired.loc[m, ["diff_low", "diff_high"]],
+                                   [ci.low, ci.high], rtol=0, atol=1e-12)
+        want = "ahead" if ci.high < 0 else "behind" if ci.low > 0 else "not separated"
+        assert paired.loc[m, "verdict"] == want
+    report = (out / "report.md").read_text()
+    bar = report.split("## Demo bar")[1].split("## Plots")[0]
+    for m in ("dsir", *SIMILARITY_BASELINES):
+        verdict = paired.loc[m, "verdict"]
+        mark = "PASS" if verdict == "ahead" else "FAIL"
+        assert f"[{mark}] eval loss below {m} (paired 95% interval" in bar
+        assert f"seeds: {verdict}" in bar
+    ablation = report.split("## Ablations")[1].split("## Paired comparison")[0]
+    assert all(m in ablation for m in ABLATIONS)
+    main = report.split("## Evaluation loss")[1].split("## Ablations")[0]
+    assert not any(m in main for m in ABLATIONS)
+    # DSIR and the rule with a random score draw per seed; the distilled top k is the
+    # score's top k.
+    for m in ("dsir", "rule_random"):
+        draws = artifacts.load_arrays(out / f"select-{m}" / "selection.npz")["indices"]
+        assert draws.shape[0] == 3 and len({tuple(d) for d in draws.tolist()}) == 3
+    scores = artifacts.load_arrays(out / "scorer" / "scores.npz")["scores"]
+    topk = artifacts.load_arrays(out / "select-distilled_topk" / "selection.npz")["indices"][0]
+    assert set(topk.tolist()) == set(top_k(scores, len(topk)).tolist())
