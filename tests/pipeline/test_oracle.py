@@ -47,8 +47,14 @@ def _fake_adam_state(params, rng, count=100):
     return mu, nu, count
 
 
+# Every level of rematerialization on, none, and block remat that keeps attention's outputs.
+PLANS = {"lean": oracle.PLANS["lean"], "frugal": oracle.PLANS["frugal"],
+         "kept-attention": oracle.RematPlan(block="attention", micro_batch=True, segments=True)}
+
+
+@pytest.mark.parametrize("plan", ["lean", "frugal"])
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh-adam", "warm-adam"])
-def test_tau_matches_central_finite_differences(warm):
+def test_tau_matches_central_finite_differences(warm, plan):
     rng = np.random.default_rng(0)
     params = model.init_params(TINY64, jax.random.key(0))
     params = jax.tree_util.tree_map(lambda x: x + 0.2 * rng.standard_normal(x.shape), params)
@@ -59,7 +65,8 @@ def test_tau_matches_central_finite_differences(warm):
     kw = dict(inner_steps=4, inner_lr=3e-2, eps_root=1e-12)
     # Micro-batches and nested segments on, so the remat paths are what is checked.
     tau, phi = jax.jit(lambda p, a, b, s: oracle.metagradient_round(
-        p, TINY64, a, b, micro_batch=2, segments=2, return_phi=True, adam_state=s, **kw))(
+        p, TINY64, a, b, micro_batch=2, segments=2, return_phi=True, adam_state=s,
+        remat=PLANS[plan], **kw))(
             params, train_seqs, target_seqs, adam_state)
     phi_w = jax.jit(lambda w: _phi_by_hand(params, TINY64, train_seqs, target_seqs, w,
                                            4, 3e-2, 1e-12, adam_state))
@@ -72,11 +79,13 @@ def test_tau_matches_central_finite_differences(warm):
     assert np.abs(tau - fd).max() <= 1e-3 * np.abs(fd).max()
 
 
-@pytest.mark.parametrize("steps,segments,micro", [(5, 2, 2), (3, 3, None), (2, 1, None)])
-def test_tau_matches_autodiff_for_every_checkpoint_schedule(steps, segments, micro):
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("steps,segments,micro", [(5, 2, 2), (3, 3, None), (2, 1, None),
+                                                  (1, None, 2)])
+def test_tau_matches_autodiff_for_every_checkpoint_schedule(steps, segments, micro, plan):
     """The written-out two-level reverse sweep equals plain reverse-mode autodiff of
-    the unrolled loop: an uneven last segment (5 = 3 + 2), one step per segment,
-    and a single segment."""
+    the unrolled loop, under every remat plan: an uneven last segment (5 = 3 + 2), one
+    step per segment, a single segment, and one step (all of it the fused last step)."""
     rng = np.random.default_rng(steps)
     params = model.init_params(TINY64, jax.random.key(1))
     params = jax.tree_util.tree_map(lambda x: x + 0.2 * rng.standard_normal(x.shape), params)
@@ -84,7 +93,8 @@ def test_tau_matches_autodiff_for_every_checkpoint_schedule(steps, segments, mic
     train_seqs = rng.integers(0, TINY64.vocab_size, (k, 9))
     target_seqs = rng.integers(0, TINY64.vocab_size, (3, 9))
     tau, phi = jax.jit(lambda p, a, b: oracle.metagradient_round(
-        p, TINY64, a, b, steps, 3e-2, micro_batch=micro, segments=segments, return_phi=True))(
+        p, TINY64, a, b, steps, 3e-2, micro_batch=micro, segments=segments, return_phi=True,
+        remat=PLANS[plan]))(
             params, train_seqs, target_seqs)
     ref_phi, ref_tau = jax.jit(jax.value_and_grad(lambda w: _phi_by_hand(
         params, TINY64, train_seqs, target_seqs, w, steps, 3e-2, 1e-12)))(np.ones(k))
@@ -248,9 +258,11 @@ def _cluster_experiment(tmp_path, *, n_on, seq_len, train_steps, k, inner_steps,
                         pool_size=None):
     """Build a corpus from the shared data, train a base model, label, and return
     the mean score and effect sizes per cluster."""
-    from mgd.pipeline import corpus as C, train as T
+    from mgd.pipeline import corpus as C
+    from mgd.pipeline import train as T
     cc = C.CorpusConfig(ontarget=str(DATA / "ontarget.jsonl.gz"),
-                        offtarget=str(DATA / "offtarget.jsonl.gz"), n_ontarget=n_on, n_offtarget=n_on, n_corrupt=n_on // 2, n_target=48,
+                        offtarget=str(DATA / "offtarget.jsonl.gz"), n_ontarget=n_on,
+                        n_offtarget=n_on, n_corrupt=n_on // 2, n_target=48,
                         n_eval=16, seq_len=seq_len, vocab_size=512, tokenizer_train_docs=400,
                         max_docs=1500, seed=0)
     c = C.build_corpus(cc, tmp_path)
