@@ -326,3 +326,32 @@ def test_label_summary_says_whether_the_inner_steps_raised_the_target_loss(tmp_p
     # 3 rounds of 6 rows out of 24 cover no row twice: no reliability to report.
     assert np.isnan(oracle.split_half_reliability(labels.round_indices, labels.round_tau))
     assert summary["label_reliability"] is None
+
+
+def test_lean_frugal_and_kept_attention_agree_with_the_pallas_kernels():
+    """The plans change what is recomputed, not tau: equal to float32 rounding with the
+    Pallas kernels (interpreted), where keeping attention's outputs is a real path."""
+    cfg = model.GPTConfig(vocab_size=41, seq_len=16, n_layer=1, n_head=2, d_model=32,
+                          attention_impl="pallas", compute_dtype="float32")
+    params = model.init_params(cfg, jax.random.key(2))
+    rng = np.random.default_rng(2)
+    train, target = rng.integers(0, 41, (2, 17)), rng.integers(0, 41, (2, 17))
+    taus = {name: np.asarray(jax.jit(lambda p, a, b, plan=plan: oracle.metagradient_round(
+        p, cfg, a, b, 2, 1e-2, micro_batch=1, remat=plan))(params, train, target))
+        for name, plan in PLANS.items()}
+    assert np.abs(taus["frugal"]).max() > 1e-4
+    for name in ("lean", "kept-attention"):
+        np.testing.assert_allclose(taus[name], taus["frugal"], rtol=1e-4,
+                                   atol=1e-5 * np.abs(taus["frugal"]).max())
+
+
+def test_remat_plan_by_name_dict_or_instance():
+    assert oracle.OracleConfig().remat == oracle.PLANS["lean"]
+    frugal = oracle.OracleConfig(remat="frugal")
+    assert frugal.remat == oracle.PLANS["frugal"]
+    import dataclasses
+    assert oracle.OracleConfig(**dataclasses.asdict(frugal)) == frugal   # read back from JSON
+    with pytest.raises(ValueError, match="remat plan"):
+        oracle.OracleConfig(remat="fast")
+    with pytest.raises(ValueError, match="RematPlan.block"):
+        oracle.RematPlan(block="some")

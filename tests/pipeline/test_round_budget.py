@@ -79,3 +79,26 @@ def test_floor_and_cli(capsys):
     assert exc.value.code != 0
     with pytest.raises(ValueError, match="--shape"):
         parse_shape("e2e")
+
+
+def test_round_timing_cpu_path_writes_its_table(tmp_path):
+    """The GPU timing script's own path at a toy shape: every (impl, plan) row measured,
+    the stand-in's share computed, bad input refused with the argument's name."""
+    from bench import round_timing
+
+    out = tmp_path / "timing"
+    assert round_timing.main(["--shape", "toy:16", "--impls", "xla,standin", "--plans",
+                              "lean,frugal", "--repeats", "1", "--in-process",
+                              "--out", str(out)]) == 0
+    import csv
+    rows = list(csv.DictReader(open(out / "round_timing.csv")))
+    assert [(r["impl"], r["plan"], r["status"]) for r in rows] == [
+        ("xla", "lean", "ok"), ("xla", "frugal", "ok"),
+        ("standin", "lean", "ok"), ("standin", "frugal", "ok")]
+    assert all(float(r["median_s"]) > 0 for r in rows)
+    assert rows[0]["attention_share"] != "" and rows[2]["attention_share"] == ""
+    assert "| toy | 16 | xla | lean | ok |" in (out / "round_timing.md").read_text()
+    for bad in (["--shape", "toy"], ["--shape", "toy:16", "--impls", "nope"]):
+        with pytest.raises(SystemExit) as exc:
+            round_timing.main(bad + ["--out", str(out)])
+        assert exc.value.code != 0
