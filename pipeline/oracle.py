@@ -72,7 +72,7 @@ class RematPlan:
         that step, so its forward and backward are computed once, not twice (its
         residuals then live while the target loss is differentiated).
     """
-    block: str = "none"
+    block: str = "attention"
     micro_batch: bool = False
     segments: bool = False
     fuse_last_step: bool = True
@@ -94,8 +94,13 @@ class RematPlan:
 
 
 PLANS = {
-    # Fastest: recompute nothing; for rounds whose activations and states fit.
-    "lean": RematPlan(),
+    # The default: attention's outputs kept across block remat, every optimizer state kept,
+    # the last step's forward and backward shared with the reverse sweep. No attention
+    # forward is rerun; only the blocks' matmuls and elementwise work are.
+    "lean": RematPlan(block="attention"),
+    # Recompute nothing at all: fastest where every block activation of the reverse
+    # step fits (about twice the lean plan's temporaries, growing with k x L).
+    "keep_all": RematPlan(block="none"),
     # Least memory (the schedule pipeline/MEMORY.md measured): every level rematerialized.
     "frugal": RematPlan(block="full", micro_batch=True, segments=True, fuse_last_step=False),
 }
@@ -312,8 +317,9 @@ def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, in
     """tau = dPhi/dw [k] at w = 1 for one round (see the module docstring). Jittable:
     all keyword arguments and `model_cfg`, `inner_steps` are static.
 
-    `remat` says what is recomputed to save memory (`RematPlan`; "lean", the default,
-    recomputes nothing; "frugal" rematerializes every level). With `remat.segments` the
+    `remat` says what is recomputed to save memory (`RematPlan` or a name in `PLANS`:
+    "lean", the default, reruns no attention forward; "keep_all" recomputes nothing;
+    "frugal" rematerializes every level). With `remat.segments` the
     inner loop is rematerialized in two levels (`_two_level_grad`): `segments` segments
     (~sqrt(T) when None) of ceil(T / segments) steps, so about 2 sqrt(T) - 2 optimizer
     states are kept; without, all T - 1 are. The plan's block rematerialization
