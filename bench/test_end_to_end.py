@@ -11,7 +11,10 @@ Knobs (environment):
                                           out of memory is recorded, not fatal)
     MGD_E2E_LAYERS 4, MGD_E2E_HEADS 4, MGD_E2E_DMODEL 256, MGD_E2E_VOCAB 8192,
     MGD_E2E_K 8 (train rows), MGD_E2E_TARGET 8 (target rows),
-    MGD_E2E_INNER_STEPS 2, MGD_E2E_INNER_LR 1e-4
+    MGD_E2E_INNER_STEPS 2, MGD_E2E_INNER_LR 1e-4, MGD_E2E_PLAN lean (oracle.PLANS)
+
+The shapes of the issue's side-by-side table (and the stand-in round) are measured by
+`python -m bench.round_timing`, which reads them from mgd.pipeline.round_shapes.
 """
 from __future__ import annotations
 
@@ -109,8 +112,12 @@ def test_metagradient_round(benchmark, impl, seq_len):
                 inner_steps=inner_steps, dtype=str(getattr(cfg, "compute_dtype", "")),
                 shape=f"t{seq_len}-l{cfg.n_layer}-d{cfg.d_model}")
 
+    plan = os.environ.get("MGD_E2E_PLAN", "lean")
+    info["plan"] = plan
+
     def round_fn(params, train, target):
-        return oracle.metagradient_round(params, cfg, train, target, inner_steps, inner_lr)
+        return oracle.metagradient_round(params, cfg, train, target, inner_steps, inner_lr,
+                                         remat=plan)
 
     jitted = jax.jit(round_fn)
     before = harness.memory_stats()

@@ -40,7 +40,7 @@ def _log(msg):
 
 
 def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, repeats,
-            shape="gpt2-small", loss_chunk=512, estimate=False):
+            shape="gpt2-small", loss_chunk=512, estimate=False, plan="frugal"):
     """Run in the child process: one configuration, returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
@@ -55,7 +55,7 @@ def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, 
     reason = backends.unavailable_reason(impl, q, q, q, causal=True)
     out = {"impl": impl, "seq_len": seq_len, "k": k, "inner_steps": inner_steps,
            "micro_batch": micro_batch, "target_batch": target_batch, "segments": segments,
-           "shape": shape, **SHAPES[shape], "loss_chunk": loss_chunk,
+           "shape": shape, **SHAPES[shape], "loss_chunk": loss_chunk, "plan": plan,
            "params": "random (cost measurement only)", "device": str(jax.devices()[0]),
            "jax": jax.__version__}
     if reason is not None:
@@ -70,7 +70,7 @@ def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, 
     train = jnp.asarray(rng.integers(0, cfg.vocab_size, (k, seq_len + 1)), jnp.int32)
     target = jnp.asarray(rng.integers(0, cfg.vocab_size, (target_batch, seq_len + 1)), jnp.int32)
     oc = oracle.OracleConfig(k=k, inner_steps=inner_steps, inner_lr=1e-4, micro_batch=micro_batch,
-                             segments=segments, target_batch=target_batch)
+                             segments=segments, target_batch=target_batch, remat=plan)
     fn = oracle.make_round_fn(cfg, oc, target_micro_batch=micro_batch)
     _log(f"{impl} L={seq_len}: compiling")
     t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def _child(args):
     try:
         res = measure(args.one, args.seq_len, args.k, args.inner_steps, args.micro_batch,
                       args.target_batch, args.segments, args.repeats, args.shape,
-                      args.loss_chunk, args.estimate)
+                      args.loss_chunk, args.estimate, args.plan)
     except Exception as err:  # report, do not crash the sweep
         res = {"impl": args.one, "seq_len": args.seq_len, "status": "error",
                "error": f"{type(err).__name__}: {str(err)[:2000]}"}
@@ -128,7 +128,7 @@ def _run_child(impl, seq_len, micro_batch, args, repeats):
            "--seq-len", str(seq_len), "--k", str(args.k), "--inner-steps", str(args.inner_steps),
            "--micro-batch", str(micro_batch), "--target-batch", str(args.target_batch),
            "--repeats", str(repeats), "--shape", args.shape,
-           "--loss-chunk", str(args.loss_chunk)]
+           "--loss-chunk", str(args.loss_chunk), "--plan", args.plan]
     if args.segments:
         cmd += ["--segments", str(args.segments)]
     if args.estimate:
@@ -174,6 +174,9 @@ def main(argv=None):
     ap.add_argument("--repeats-long", type=int, default=1)
     ap.add_argument("--child-timeout", type=int, default=420)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
+    # frugal: the plan the 16 GB bar of pipeline/MEMORY.md is measured with.
+    ap.add_argument("--plan", choices=("lean", "frugal"), default="frugal",
+                    help="the round's remat plan (oracle.PLANS)")
     ap.add_argument("--estimate", action="store_true",
                     help="compile only and report XLA's memory analysis (no run, no long L)")
     # Child mode: one measurement in this process.

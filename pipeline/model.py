@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 import mgd
 
@@ -33,12 +35,18 @@ class GPTConfig:
     n_head: int = 4
     d_model: int = 256
     d_ff: int | None = None            # 4 * d_model when None
-    attention_impl: str = "auto"       # "xla", "pallas", "triton", "cuda" or "auto"
+    # "xla", "pallas", "triton", "cuda" or "auto"; STANDIN (benchmarks and tests only)
+    # replaces attention by a near-free function of the same shapes.
+    attention_impl: str = "auto"
     compute_dtype: str = "bfloat16"
     param_dtype: str = "float32"
     rope_base: float = 10_000.0
     loss_chunk: int = 1024             # tokens per cross-entropy chunk
     remat_blocks: bool = True          # recompute each block's activations in the backward
+    # With remat_blocks: keep attention's output and row log-sum-exp across the block's
+    # recompute, so the backward recomputes the block's matmuls and elementwise work but
+    # never the attention forward (the kernel that dominates a long sequence).
+    remat_keeps_attention: bool = False
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -121,6 +129,59 @@ def _rotary(x, base):
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
+# Not an attention backend: what the round costs outside attention is the round with this.
+STANDIN = "standin"
+ATTENTION_NAMES = ("attention_o", "attention_lse")
+
+
+def _standin_attention(q, k, v):
+    """Same shapes and dependence on q, k, v as attention, almost no work: v + 1e-6 (q + k)."""
+    return v + jnp.asarray(1e-6, v.dtype) * (q + k)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kept_attention(q, k, v, impl):
+    return mgd.attention(q, k, v, causal=True, impl=impl)
+
+
+def _kept_attention_fwd(q, k, v, impl):
+    # Named, so a block remat policy can keep them: the backward and double backward read
+    # o and lse instead of rerunning the forward kernel.
+    o, lse = mgd.attention_forward(q, k, v, causal=True, impl=impl)
+    o = checkpoint_name(o, ATTENTION_NAMES[0])
+    lse = checkpoint_name(lse, ATTENTION_NAMES[1])
+    return o, (q, k, v, o, lse)
+
+
+def _kept_attention_bwd(impl, res, do):
+    q, k, v, o, lse = res
+    return mgd.attention_backward(q, k, v, o, lse, do, causal=True, impl=impl)
+
+
+_kept_attention.defvjp(_kept_attention_fwd, _kept_attention_bwd)
+
+
+def _attention(q, k, v, cfg: GPTConfig):
+    if cfg.attention_impl == STANDIN:
+        return _standin_attention(q, k, v)
+    if cfg.remat_blocks and cfg.remat_keeps_attention:
+        impl = mgd.backends.resolve(cfg.attention_impl, q, k, v, causal=True).NAME
+        # The naive XLA attention has no kernel outputs to keep: it is recomputed whole.
+        if impl != "xla":
+            return _kept_attention(q, k, v, impl)
+    return mgd.attention(q, k, v, causal=True, impl=cfg.attention_impl)
+
+
+def _block_remat(body, cfg: GPTConfig):
+    """`body` rematerialized as the config says: not at all, fully, or all but attention."""
+    if not cfg.remat_blocks:
+        return body
+    if cfg.remat_keeps_attention:
+        return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
+            *ATTENTION_NAMES))
+    return jax.checkpoint(body)
+
+
 def _block(x, p, cfg: GPTConfig):
     return _block_with_mlp_activation(x, p, cfg)[0]
 
@@ -132,7 +193,7 @@ def _block_with_mlp_activation(x, p, cfg: GPTConfig):
     qkv = _matmul(h, p["wqkv"], cfg).astype(cfg.cdtype).reshape(b, t, 3, cfg.n_head, cfg.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = _rotary(q, cfg.rope_base), _rotary(k, cfg.rope_base)
-    o = mgd.attention(q, k, v, causal=True, impl=cfg.attention_impl)
+    o = _attention(q, k, v, cfg)
     x = x + _matmul(o.reshape(b, t, d), p["wo"], cfg)
     h = _rms_norm(x, p["norm2"], cfg.cdtype)
     # Cast before the nonlinearity: its input is what the backward keeps, and the
@@ -176,9 +237,7 @@ def forward(params, tokens, cfg: GPTConfig):
     def body(x, p):
         return _block(x, p, cfg), None
 
-    if cfg.remat_blocks:
-        body = jax.checkpoint(body)
-    x, _ = jax.lax.scan(body, x, params["blocks"])
+    x, _ = jax.lax.scan(_block_remat(body, cfg), x, params["blocks"])
     return _rms_norm(x, params["norm_f"], cfg.cdtype)
 
 

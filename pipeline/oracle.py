@@ -40,25 +40,87 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mgd.pipeline import artifacts
-from mgd.profiling import nvtx_range
 from mgd.pipeline.model import GPTConfig, per_example_loss
+from mgd.profiling import nvtx_range
 
-__all__ = ["OracleConfig", "metagradient_round", "make_round_fn", "plan_rounds", "zscore",
-           "aggregate", "label", "Labels"]
+__all__ = ["RematPlan", "PLANS", "OracleConfig", "metagradient_round", "make_round_fn",
+           "plan_rounds", "zscore", "aggregate", "label", "Labels"]
+
+
+BLOCK_REMAT = ("none", "attention", "full")
+
+
+@dataclass(frozen=True)
+class RematPlan:
+    """What one round recomputes to save memory, one switch per level (docs/round.md).
+
+    block: "none" keeps every block activation for the backward; "attention" recomputes
+        each block's activations but keeps attention's output and log-sum-exp, so no
+        attention forward is rerun; "full" recomputes the whole block.
+    micro_batch: rematerialize each gradient micro-batch and target chunk (only where
+        `micro_batch` / `target_micro_batch` cut the rows): one micro-batch's activations
+        live at a time, at the price of a forward (and in the reverse sweep a backward)
+        per micro-batch.
+    segments: checkpoint the inner loop in two levels (~sqrt(T) segments, see
+        `_two_level_grad`) and recompute each segment in the reverse sweep; off, every
+        optimizer state is kept and nothing is recomputed.
+    fuse_last_step: the trajectory's last step is taken inside the reverse sweep's VJP of
+        that step, so its forward and backward are computed once, not twice (its
+        residuals then live while the target loss is differentiated).
+    """
+    block: str = "attention"
+    micro_batch: bool = False
+    segments: bool = False
+    fuse_last_step: bool = True
+
+    def __post_init__(self):
+        if self.block not in BLOCK_REMAT:
+            raise ValueError(f"RematPlan.block must be one of {BLOCK_REMAT}, got {self.block!r}")
+
+    @classmethod
+    def named(cls, name: str) -> RematPlan:
+        if name not in PLANS:
+            raise ValueError(f"remat plan must be one of {sorted(PLANS)}, got {name!r}")
+        return PLANS[name]
+
+    def model_config(self, cfg: GPTConfig) -> GPTConfig:
+        """`cfg` with this plan's block rematerialization."""
+        return dataclasses.replace(cfg, remat_blocks=self.block != "none",
+                                   remat_keeps_attention=self.block == "attention")
+
+
+PLANS = {
+    # The default: attention's outputs kept across block remat, every optimizer state kept,
+    # the last step's forward and backward shared with the reverse sweep. No attention
+    # forward is rerun; only the blocks' matmuls and elementwise work are.
+    "lean": RematPlan(block="attention"),
+    # Recompute nothing at all: fastest where every block activation of the reverse
+    # step fits (about twice the lean plan's temporaries, growing with k x L).
+    "keep_all": RematPlan(block="none"),
+    # Least memory (the schedule pipeline/MEMORY.md measured): every level rematerialized.
+    "frugal": RematPlan(block="full", micro_batch=True, segments=True, fuse_last_step=False),
+}
+
+
+def _as_plan(value) -> RematPlan:
+    if isinstance(value, RematPlan):
+        return value
+    if isinstance(value, str):
+        return RematPlan.named(value)
+    if isinstance(value, dict):   # a config read back from JSON
+        return RematPlan(**value)
+    raise TypeError(f"remat must be a RematPlan, a plan name or a dict, got {value!r}")
 
 
 @dataclass(frozen=True)
 class OracleConfig:
     k: int = 64                       # rows per round
     inner_steps: int = 8              # T
-    # Keep it well below the base run's final lr (0.3x is what the presets use). The
-    # labels are first-order "does this row's gradient align with the target's" only
-    # while the inner steps stay in the base run's stable regime; at 3x the base run's
-    # final lr, the on-target rows came out ranked below off-target ones (H200 demo and
-    # a CPU reproduction: bench/results/cpu_2026-11-29_oracle_lr).
+    # Well below the base run's final lr: the labels measure gradient alignment only in its stable regime.
     inner_lr: float = 1e-4
     rounds: int = 64
     target_batch: int = 64            # target rows Phi is measured on, per round
@@ -71,17 +133,14 @@ class OracleConfig:
     b2: float = 0.999
     eps: float = 1e-8
     pool_size: int | None = None      # label a random subset of this many rows (None: all)
-    # Start the inner Adam from the base run's moments (mu, nu, step count) rather than
-    # from zeros. A fresh Adam's first steps are sign descent: lr * g / |g| does not
-    # change when a row's weight scales g, so dPhi/dw is left to second-order
-    # normalization effects. With the base run's nu the inner steps are preconditioned
-    # gradient steps and tau measures how a row's gradient aligns with the target's
-    # (the base model's training continues, as "starting from the base model" means).
-    # On the H200 demo (bench/results/h200_2026-11-29) the fresh Adam's labels put 2%
-    # on-target rows in their top third, the warm one's 21%: better, still inverted.
+    # Inner Adam from the base run's moments: a fresh Adam's sign-descent steps ignore a row's weight.
     warm_start: bool = True
+    # What the round recomputes to save memory (a RematPlan, or "lean" / "frugal"): the
+    # cost of a round, not its result; a memory planner picks it.
+    remat: RematPlan = PLANS["lean"]
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", _as_plan(self.remat))
         for name in ("k", "inner_steps", "rounds", "target_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OracleConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -93,21 +152,24 @@ class OracleConfig:
                              f"k ({self.k})")
 
 
-def _mean_loss(params, seqs, cfg, micro):
-    """Mean per-row loss, `micro` rows at a time (each chunk rematerialized)."""
+def _mean_loss(params, seqs, cfg, micro, remat=True):
+    """Mean per-row loss, `micro` rows at a time (each chunk rematerialized if `remat`)."""
     n = seqs.shape[0]
     if micro is None or micro >= n:
         return jnp.mean(per_example_loss(params, seqs, cfg))
     if n % micro:
         raise ValueError(f"micro-batch {micro} must divide the {n} rows")
     chunks = seqs.reshape(n // micro, micro, seqs.shape[1])
-    sums = jax.lax.map(jax.checkpoint(lambda x: jnp.sum(per_example_loss(params, x, cfg))),
-                       chunks)
+    def chunk_sum(x):
+        return jnp.sum(per_example_loss(params, x, cfg))
+
+    sums = jax.lax.map(jax.checkpoint(chunk_sum) if remat else chunk_sum, chunks)
     return jnp.sum(sums) / n
 
 
-def _weighted_grad(params, w, seqs, cfg, micro):
-    """Gradient of sum_i w_i loss_i / k, accumulated over micro-batches."""
+def _weighted_grad(params, w, seqs, cfg, micro, remat=True):
+    """Gradient of sum_i w_i loss_i / k, accumulated over micro-batches (each one
+    rematerialized if `remat`)."""
     k = seqs.shape[0]
 
     def loss(p, w_mb, x_mb):
@@ -115,7 +177,7 @@ def _weighted_grad(params, w, seqs, cfg, micro):
 
     if micro is None or micro >= k:
         return jax.grad(loss)(params, w, seqs)
-    grad_mb = jax.checkpoint(jax.grad(loss))
+    grad_mb = jax.checkpoint(jax.grad(loss)) if remat else jax.grad(loss)
 
     def body(acc, xs):
         return jax.tree_util.tree_map(jnp.add, acc, grad_mb(params, *xs)), None
@@ -143,7 +205,7 @@ def _empty_stack(tree, n):
     return jax.tree_util.tree_map(lambda x: jnp.zeros((n,) + x.shape, x.dtype), tree)
 
 
-def _two_level_grad(step, init_fn, w, steps, per, final_grad):
+def _two_level_grad(step, init_fn, w, steps, per, final_grad, fuse_last=False):
     """(aux, d<ct, final carry>/dw) for `steps` applications of carry ->
     step(carry, w) from init_fn(), where (aux, ct) = final_grad(final carry) and
     ct holds cotangents of the carry's inexact leaves in `tree_leaves` order.
@@ -160,8 +222,10 @@ def _two_level_grad(step, init_fn, w, steps, per, final_grad):
     steps off the scans instead costs more than it saves: XLA does not share
     buffers between a step's backward outside a loop and the same backward
     inside one, so here every step's backward is the same loop body.
+
+    `fuse_last`: the last step runs forward once, inside its own VJP, whose residuals
+    then serve the reverse sweep's first step; the two-level sweep covers the others.
     """
-    n_seg = -(-steps // per)
     init = init_fn()
     leaves, treedef = jax.tree_util.tree_flatten(init)
     inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
@@ -174,6 +238,31 @@ def _two_level_grad(step, init_fn, w, steps, per, final_grad):
         floats, others = iter(floats), iter(others)
         return jax.tree_util.tree_unflatten(
             treedef, [next(floats) if f else next(others) for f in inexact])
+
+    def final_step_grad(carry):
+        """(aux, cotangent of `carry`'s floats, its part of tau) at the carry that
+        enters the last step (with `fuse_last`), or at the final carry."""
+        if not fuse_last:
+            aux, ct = final_grad(carry)
+            return aux, ct, jnp.zeros_like(w)
+        floats, others = split(carry)
+
+        def last(f, w_):
+            out = step(join(f, others), w_)
+            return split(out)[0], out
+
+        _, vjp, final = jax.vjp(last, floats, w, has_aux=True)
+        aux, ct = final_grad(final)
+        ct, ct_w = vjp(ct)
+        return aux, ct, ct_w
+
+    if fuse_last:
+        steps -= 1
+    if steps == 0:
+        aux, _, tau = final_step_grad(init)
+        return aux, tau
+    per = min(per, steps)
+    n_seg = -(-steps // per)
 
     def seg_len(i):
         return jnp.minimum(per, steps - i * per)
@@ -216,21 +305,25 @@ def _two_level_grad(step, init_fn, w, steps, per, final_grad):
 
         return jax.lax.fori_loop(0, n, backward_step, val)
 
-    aux, ct = final_grad(final)
-    _, tau = jax.lax.fori_loop(0, n_seg, backward_segment, (ct, jnp.zeros_like(w)))
+    aux, ct, tau = final_step_grad(final)
+    _, tau = jax.lax.fori_loop(0, n_seg, backward_segment, (ct, tau))
     return aux, tau
 
 
 def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, inner_steps: int,
                        inner_lr: float, *, micro_batch=None, target_micro_batch=None,
                        segments=None, eps_root=1e-12, b1=0.9, b2=0.999, eps=1e-8,
-                       adam_state=None, return_phi=False):
+                       adam_state=None, return_phi=False, remat: RematPlan | str = "lean"):
     """tau = dPhi/dw [k] at w = 1 for one round (see the module docstring). Jittable:
     all keyword arguments and `model_cfg`, `inner_steps` are static.
 
-    The inner loop is rematerialized in two levels (`_two_level_grad`):
-    `segments` segments (~sqrt(T) when None) of ceil(T / segments) steps, so
-    about 2 sqrt(T) - 2 optimizer states are kept.
+    `remat` says what is recomputed to save memory (`RematPlan` or a name in `PLANS`:
+    "lean", the default, reruns no attention forward; "keep_all" recomputes nothing;
+    "frugal" rematerializes every level). With `remat.segments` the
+    inner loop is rematerialized in two levels (`_two_level_grad`): `segments` segments
+    (~sqrt(T) when None) of ceil(T / segments) steps, so about 2 sqrt(T) - 2 optimizer
+    states are kept; without, all T - 1 are. The plan's block rematerialization
+    replaces `model_cfg.remat_blocks`.
 
     `adam_state`: (mu, nu, count) to start the inner Adam from (the base run's, see
     `OracleConfig.warm_start`); None starts it from zeros.
@@ -241,21 +334,26 @@ def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, in
         raise ValueError(f"eps_root must be > 0 for a differentiable Adam, got {eps_root}")
     if segments is not None and segments < 1:
         raise ValueError(f"segments must be >= 1, got {segments}")
+    plan = _as_plan(remat)
+    model_cfg = plan.model_config(model_cfg)
     train_seqs = jnp.asarray(train_seqs)
     target_seqs = jnp.asarray(target_seqs)
     k = train_seqs.shape[0]
     opt = optax.adam(inner_lr, b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    segments = min(segments or max(1, round(math.sqrt(inner_steps))), inner_steps)
+    if plan.segments:
+        segments = min(segments or max(1, round(math.sqrt(inner_steps))), inner_steps)
+    else:
+        segments = inner_steps
     per = -(-inner_steps // segments)
 
     def step(carry, w):
         theta, state = carry
-        g = _weighted_grad(theta, w, train_seqs, model_cfg, micro_batch)
+        g = _weighted_grad(theta, w, train_seqs, model_cfg, micro_batch, plan.micro_batch)
         updates, state = opt.update(g, state, theta)
         return optax.apply_updates(theta, updates), state
 
     def phi(theta):
-        return _mean_loss(theta, target_seqs, model_cfg, target_micro_batch)
+        return _mean_loss(theta, target_seqs, model_cfg, target_micro_batch, plan.micro_batch)
 
     def final_grad(final):
         # Phi depends on theta_T only: the Adam moments' cotangents start at zero.
@@ -273,7 +371,8 @@ def metagradient_round(params, model_cfg: GPTConfig, train_seqs, target_seqs, in
                                        mu=mu, nu=nu),) + tuple(state[1:])
         return params, state
 
-    value, tau = _two_level_grad(step, init, w, inner_steps, per, final_grad)
+    value, tau = _two_level_grad(step, init, w, inner_steps, per, final_grad,
+                                 fuse_last=plan.fuse_last_step)
     return (tau, value) if return_phi else tau
 
 
@@ -289,7 +388,7 @@ def make_round_fn(model_cfg: GPTConfig, oc: OracleConfig, target_micro_batch=Non
             micro_batch=oc.micro_batch, target_micro_batch=target_micro_batch,
             segments=oc.segments, eps_root=oc.eps_root, b1=oc.b1,
             b2=oc.b2, eps=oc.eps, adam_state=adam_state,
-            return_phi=True)
+            return_phi=True, remat=oc.remat)
 
     return jax.jit(round_fn)
 
@@ -375,7 +474,7 @@ class Labels:
     round_phi0: np.ndarray     # [R] Phi at the base model, before the inner steps
 
     @classmethod
-    def load(cls, run_dir) -> "Labels":
+    def load(cls, run_dir) -> Labels:
         path = Path(run_dir) / "oracle"
         if not (path / "DONE").exists():
             raise FileNotFoundError(f"no complete oracle labels in {path}")
@@ -383,6 +482,11 @@ class Labels:
         if "round_phi0" not in a:  # labels written before Phi(theta_0) was recorded
             a = {**a, "round_phi0": np.full(len(a["round_phi"]), np.nan)}
         return cls(**{f.name: a[f.name] for f in dataclasses.fields(cls)})
+
+
+def _same_labels(config: dict) -> dict:
+    """The settings that decide the labels: the remat plan changes only their cost."""
+    return {k: v for k, v in config.items() if k != "remat"}
 
 
 @lru_cache(maxsize=8)
@@ -414,7 +518,7 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
     st = artifacts.stage(run_dir, "oracle")
     if st.done:
         saved = artifacts.read_json(st.path / "config.json")
-        if saved != dataclasses.asdict(oc):
+        if _same_labels(saved) != _same_labels(dataclasses.asdict(oc)):
             raise ValueError(f"{st.path} holds labels for another OracleConfig: {saved}")
         return Labels.load(run_dir)
     if oc.warm_start and adam_state is None:

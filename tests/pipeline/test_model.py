@@ -129,3 +129,41 @@ def test_bits_per_byte_and_config_errors():
         model.forward(params, np.zeros((1, 30), np.int32), F64)
     with pytest.raises(ValueError, match=r"\[N, L\+1\]"):
         model.per_example_loss(params, np.zeros((3,), np.int32), F64)
+
+
+def _grad_jaxpr(cfg, params, seqs):
+    return jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.per_example_loss(p, seqs, cfg))))(params)
+
+
+@pytest.mark.parametrize("remat, keep, forwards", [(False, False, 1), (True, False, 2), (True, True, 1)])
+def test_block_remat_keeps_attention_outputs_and_the_gradient(remat, keep, forwards):
+    """Full block remat reruns the attention forward in the backward; keeping attention's
+    outputs does not; the gradient is the unrematerialized one either way (Pallas
+    kernels, interpreted)."""
+    from mgd.pipeline import jaxpr_count
+
+    base = model.GPTConfig(vocab_size=53, seq_len=16, n_layer=2, n_head=2, d_model=32,
+                           attention_impl="pallas", compute_dtype="float32", remat_blocks=False)
+    cfg = dataclasses.replace(base, remat_blocks=remat, remat_keeps_attention=keep)
+    params = _perturbed(model.init_params(base, jax.random.key(0)), scale=0.05)
+    seqs = _rows(3, base, seed=2)
+    counts = jaxpr_count.count(_grad_jaxpr(cfg, params, seqs))
+    assert counts.attention == {"forward": forwards * base.n_layer,
+                                "backward": base.n_layer, "double_backward": 0}
+    def grad(c):
+        return jax.jit(jax.grad(lambda p: jnp.sum(model.per_example_loss(p, seqs, c))))(params)
+
+    for a, b in zip(jax.tree_util.tree_leaves(grad(cfg)), jax.tree_util.tree_leaves(grad(base))):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+def test_standin_attention_is_not_attention(monkeypatch):
+    """The stand-in (benchmarks only) never reaches mgd.attention and computes v + 1e-6 (q + k)."""
+    monkeypatch.setattr(mgd, "attention", lambda *a, **k: pytest.fail("mgd.attention called"))
+    cfg = model.GPTConfig(vocab_size=64, seq_len=8, n_layer=1, n_head=2, d_model=16,
+                          attention_impl=model.STANDIN, compute_dtype="float32")
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 8, 2, 8)), jnp.float32) for _ in range(3))
+    np.testing.assert_allclose(model._attention(q, k, v, cfg), v + 1e-6 * (q + k), rtol=1e-7)
+    params = model.init_params(cfg, jax.random.key(0))
+    assert np.all(np.isfinite(model.per_example_loss(params, _rows(2, cfg), cfg)))

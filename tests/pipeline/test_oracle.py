@@ -47,8 +47,16 @@ def _fake_adam_state(params, rng, count=100):
     return mu, nu, count
 
 
+# Every level of rematerialization on (frugal), none (keep_all), and block remat that
+# keeps attention's outputs (lean; with micro-batch and segment remat too).
+PLANS = {"lean": oracle.PLANS["lean"], "frugal": oracle.PLANS["frugal"],
+         "keep_all": oracle.PLANS["keep_all"],
+         "kept-attention": oracle.RematPlan(block="attention", micro_batch=True, segments=True)}
+
+
+@pytest.mark.parametrize("plan", ["lean", "frugal"])
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh-adam", "warm-adam"])
-def test_tau_matches_central_finite_differences(warm):
+def test_tau_matches_central_finite_differences(warm, plan):
     rng = np.random.default_rng(0)
     params = model.init_params(TINY64, jax.random.key(0))
     params = jax.tree_util.tree_map(lambda x: x + 0.2 * rng.standard_normal(x.shape), params)
@@ -59,7 +67,8 @@ def test_tau_matches_central_finite_differences(warm):
     kw = dict(inner_steps=4, inner_lr=3e-2, eps_root=1e-12)
     # Micro-batches and nested segments on, so the remat paths are what is checked.
     tau, phi = jax.jit(lambda p, a, b, s: oracle.metagradient_round(
-        p, TINY64, a, b, micro_batch=2, segments=2, return_phi=True, adam_state=s, **kw))(
+        p, TINY64, a, b, micro_batch=2, segments=2, return_phi=True, adam_state=s,
+        remat=PLANS[plan], **kw))(
             params, train_seqs, target_seqs, adam_state)
     phi_w = jax.jit(lambda w: _phi_by_hand(params, TINY64, train_seqs, target_seqs, w,
                                            4, 3e-2, 1e-12, adam_state))
@@ -72,11 +81,13 @@ def test_tau_matches_central_finite_differences(warm):
     assert np.abs(tau - fd).max() <= 1e-3 * np.abs(fd).max()
 
 
-@pytest.mark.parametrize("steps,segments,micro", [(5, 2, 2), (3, 3, None), (2, 1, None)])
-def test_tau_matches_autodiff_for_every_checkpoint_schedule(steps, segments, micro):
+@pytest.mark.parametrize("plan", ["lean", "frugal", "keep_all"])
+@pytest.mark.parametrize("steps,segments,micro", [(5, 2, 2), (3, 3, None), (2, 1, None),
+                                                  (1, None, 2)])
+def test_tau_matches_autodiff_for_every_checkpoint_schedule(steps, segments, micro, plan):
     """The written-out two-level reverse sweep equals plain reverse-mode autodiff of
-    the unrolled loop: an uneven last segment (5 = 3 + 2), one step per segment,
-    and a single segment."""
+    the unrolled loop, under every remat plan: an uneven last segment (5 = 3 + 2), one
+    step per segment, a single segment, and one step (all of it the fused last step)."""
     rng = np.random.default_rng(steps)
     params = model.init_params(TINY64, jax.random.key(1))
     params = jax.tree_util.tree_map(lambda x: x + 0.2 * rng.standard_normal(x.shape), params)
@@ -84,7 +95,8 @@ def test_tau_matches_autodiff_for_every_checkpoint_schedule(steps, segments, mic
     train_seqs = rng.integers(0, TINY64.vocab_size, (k, 9))
     target_seqs = rng.integers(0, TINY64.vocab_size, (3, 9))
     tau, phi = jax.jit(lambda p, a, b: oracle.metagradient_round(
-        p, TINY64, a, b, steps, 3e-2, micro_batch=micro, segments=segments, return_phi=True))(
+        p, TINY64, a, b, steps, 3e-2, micro_batch=micro, segments=segments, return_phi=True,
+        remat=PLANS[plan]))(
             params, train_seqs, target_seqs)
     ref_phi, ref_tau = jax.jit(jax.value_and_grad(lambda w: _phi_by_hand(
         params, TINY64, train_seqs, target_seqs, w, steps, 3e-2, 1e-12)))(np.ones(k))
@@ -248,9 +260,11 @@ def _cluster_experiment(tmp_path, *, n_on, seq_len, train_steps, k, inner_steps,
                         pool_size=None):
     """Build a corpus from the shared data, train a base model, label, and return
     the mean score and effect sizes per cluster."""
-    from mgd.pipeline import corpus as C, train as T
+    from mgd.pipeline import corpus as C
+    from mgd.pipeline import train as T
     cc = C.CorpusConfig(ontarget=str(DATA / "ontarget.jsonl.gz"),
-                        offtarget=str(DATA / "offtarget.jsonl.gz"), n_ontarget=n_on, n_offtarget=n_on, n_corrupt=n_on // 2, n_target=48,
+                        offtarget=str(DATA / "offtarget.jsonl.gz"), n_ontarget=n_on,
+                        n_offtarget=n_on, n_corrupt=n_on // 2, n_target=48,
                         n_eval=16, seq_len=seq_len, vocab_size=512, tokenizer_train_docs=400,
                         max_docs=1500, seed=0)
     c = C.build_corpus(cc, tmp_path)
@@ -314,3 +328,32 @@ def test_label_summary_says_whether_the_inner_steps_raised_the_target_loss(tmp_p
     # 3 rounds of 6 rows out of 24 cover no row twice: no reliability to report.
     assert np.isnan(oracle.split_half_reliability(labels.round_indices, labels.round_tau))
     assert summary["label_reliability"] is None
+
+
+def test_lean_frugal_and_kept_attention_agree_with_the_pallas_kernels():
+    """The plans change what is recomputed, not tau: equal to float32 rounding with the
+    Pallas kernels (interpreted), where keeping attention's outputs is a real path."""
+    cfg = model.GPTConfig(vocab_size=41, seq_len=16, n_layer=1, n_head=2, d_model=32,
+                          attention_impl="pallas", compute_dtype="float32")
+    params = model.init_params(cfg, jax.random.key(2))
+    rng = np.random.default_rng(2)
+    train, target = rng.integers(0, 41, (2, 17)), rng.integers(0, 41, (2, 17))
+    taus = {name: np.asarray(jax.jit(lambda p, a, b, plan=plan: oracle.metagradient_round(
+        p, cfg, a, b, 2, 1e-2, micro_batch=1, remat=plan))(params, train, target))
+        for name, plan in PLANS.items()}
+    assert np.abs(taus["frugal"]).max() > 1e-4
+    for name in ("lean", "keep_all", "kept-attention"):
+        np.testing.assert_allclose(taus[name], taus["frugal"], rtol=1e-4,
+                                   atol=1e-5 * np.abs(taus["frugal"]).max())
+
+
+def test_remat_plan_by_name_dict_or_instance():
+    assert oracle.OracleConfig().remat == oracle.PLANS["lean"]
+    frugal = oracle.OracleConfig(remat="frugal")
+    assert frugal.remat == oracle.PLANS["frugal"]
+    import dataclasses
+    assert oracle.OracleConfig(**dataclasses.asdict(frugal)) == frugal   # read back from JSON
+    with pytest.raises(ValueError, match="remat plan"):
+        oracle.OracleConfig(remat="fast")
+    with pytest.raises(ValueError, match="RematPlan.block"):
+        oracle.RematPlan(block="some")
