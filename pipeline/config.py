@@ -63,6 +63,7 @@ class ModelConfig:
     rope_base: float = 10_000.0
     loss_chunk: int = 1024
     remat_blocks: bool = True
+    remat_keeps_attention: bool = False  # block remat keeps attention's (o, lse) instead of rerunning it
     init_std: float = 0.02
 
 

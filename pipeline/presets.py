@@ -118,8 +118,10 @@ def full() -> RunConfig:
         base_train=TrainConfig(steps=20_000, batch_size=256, lr=6e-4, warmup=1000, eval_every=0,
                                ckpt_every=1000),
         # 0.3x the base run's final lr (6e-4 x 0.1), as for the demo.
+        # Micro-batches of 128 rows recomputed in the reverse pass: the plan that bounds memory
+        # at k=1024 (the lean plan would keep every micro-batch's activations).
         oracle=OracleConfig(k=1024, inner_steps=16, inner_lr=2e-5, rounds=4096, target_batch=512,
-                            pool_size=200_000, micro_batch=128),
+                            pool_size=200_000, micro_batch=128, remat="frugal"),
         scorer=ScorerConfig(mlp_hidden=512, holdout_fraction=0.1, gradient_alignment=False),
         selection=SelectionConfig(methods=METHODS),
         baselines=BaselinesConfig(

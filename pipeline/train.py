@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from mgd.pipeline import artifacts
-from mgd.profiling import nvtx_range
 from mgd.pipeline.model import GPTConfig, per_example_loss
+from mgd.profiling import nvtx_range
 
 __all__ = ["TrainConfig", "train", "eval_loss", "make_optimizer", "batch_indices"]
 
