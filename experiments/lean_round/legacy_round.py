@@ -14,7 +14,12 @@ The shapes repeat `mgd.pipeline.round_shapes.SHAPES` (e2e, gpt2s), which that co
 import argparse
 import json
 import statistics
+import sys
 import time
+
+# An editable install of the current package puts its import finder first on sys.meta_path,
+# which would shadow the exported commit on PYTHONPATH.
+sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
 
 import jax
 import jax.numpy as jnp
