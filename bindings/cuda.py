@@ -10,8 +10,9 @@ Switches, read at call time:
   MGD_CUDA_DELEGATE=backward    (comma list; "forward" is always delegated today)
       forces the delegate for the named stages, to compare both in one process;
   MGD_CUDA_DETERMINISTIC=0|1    the backward's `deterministic` default (keyword
-      `deterministic=` of `backward` overrides it). Today's backward kernel is the
-      deterministic split form (dQ in its own query-major pass) either way.
+      `deterministic=` of `backward` overrides it): 1 runs the split form (dQ in its
+      own query-major pass, bitwise repeatable), 0 the fused form (dQ reduced in fp32
+      by atomics inside the key-major kernel, one pass fewer, last bits vary).
 
 The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
 installed next to this file; its FFI target is registered with JAX on first use.
@@ -197,7 +198,8 @@ def backward_kernel_reason(q, k, v, *, causal):
 
 
 def kernel_backward(q, k, v, o, lse, do, *, causal, scale, dlse=None, deterministic=None):
-    """(dq, dk, dv) from our Hopper kernels: preprocess, key-major dK/dV, query-major dQ."""
+    """(dq, dk, dv) from our Hopper kernels: preprocess, key-major dK/dV, then either a
+    query-major dQ pass (deterministic) or dQ fused into the key-major pass (fp32 atomics)."""
     lib = _require()
     if deterministic is None:
         deterministic = deterministic_default()

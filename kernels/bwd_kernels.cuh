@@ -26,9 +26,11 @@ struct BackwardArgs {
   const float *lse, *dlse;
   void *dq, *dk, *dv;
   BwdRowStats* stats;
+  float* dq_accum;  // fused mode: fp32 dQ, [B, H, padded_rows(T), D], zeroed before the main kernel
   int batch, seq, heads, head_dim;
   float scale;
   bool causal;
+  bool deterministic;
 };
 
 template <class Element, int kHeadDim>
@@ -97,7 +99,9 @@ __global__ void __launch_bounds__(32 * kPreprocessRowsPerBlock)
 // ---------------------------------------------------------------------------------
 // Key-major kernel: dK and dV of 128 keys per CTA.
 // ---------------------------------------------------------------------------------
-template <class Cfg>
+// kFuseDQ: the kernel also reduces dQ += dS K into an fp32 accumulator with
+// red.global.add (order of the additions, hence the bits of dQ, vary between runs).
+template <class Cfg, bool kFuseDQ = false>
 struct BwdKeyMajor {
   using E = typename Cfg::E;
   static constexpr int D = Cfg::D;
@@ -108,12 +112,27 @@ struct BwdKeyMajor {
   using StreamT = typename Cfg::template SmemT<N, S>;
   using TmaRes = RowTma<Cfg, kRowsPerWarpgroup>;
   using TmaStream = RowTma<Cfg, N>;
+  // dS of one warpgroup as (queries, its 64 keys), K-major, two buffers per warpgroup:
+  // (N, 64, 2 * kConsumerWarpgroups); DsT is the same bytes seen as (keys, queries, buf).
+  using DsLayout = decltype(tile_to_shape(
+      GMMA::Layout_K_SW128_Atom<E>{},
+      Shape<Int<N>, Int<kRowsPerWarpgroup>, Int<2 * kConsumerWarpgroups>>{}));
+  using DsT = decltype(composition(
+      DsLayout{}, make_layout(Shape<Int<kRowsPerWarpgroup>, Int<N>, Int<2 * kConsumerWarpgroups>>{},
+                              Stride<Int<N>, _1, Int<N * kRowsPerWarpgroup>>{})));
+  // The resident keys seen as (D, 64 keys, warpgroup): the MN-major B operand of dQ += dS K.
+  using ResidentT = typename Cfg::template SmemT<kRowsPerWarpgroup, kConsumerWarpgroups>;
+  // dQ (N queries x D) += dS (N x 64 keys) K (64 keys x D), both operands in smem.
+  using MmaDQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<E, E, float, Shape<Int<N>, Int<D>, Int<kRowsPerWarpgroup>>,
+                           GMMA::Major::K, GMMA::Major::MN>()));
 
   struct Shared {
     alignas(1024) E k[cosize_v<Resident>];
     alignas(1024) E v[cosize_v<Resident>];
     alignas(1024) E q[cosize_v<Stream>];
     alignas(1024) E do_[cosize_v<Stream>];
+    alignas(1024) E ds[kFuseDQ ? cosize_v<DsLayout> : 1];
     alignas(16) BwdRowStats stats[S][N];
     BwdBarriers<S> bar;
   };
@@ -122,6 +141,7 @@ struct BwdKeyMajor {
     TmaRes tma_k, tma_v;
     TmaStream tma_q, tma_do;
     const BwdRowStats* stats;
+    float* dq_accum;
     void *gk, *gv;
     int batch, seq, heads, padded;
     float scale;
@@ -133,10 +153,10 @@ struct BwdKeyMajor {
   static constexpr int kResidentBytes = 2 * kRowsPerCta * D * int(sizeof(E));
 };
 
-template <class Cfg>
+template <class Cfg, bool kFuseDQ>
 __global__ void __launch_bounds__(kThreads, 1)
-    bwd_dkdv_kernel(CUTE_GRID_CONSTANT typename BwdKeyMajor<Cfg>::Params const p) {
-  using K = BwdKeyMajor<Cfg>;
+    bwd_dkdv_kernel(CUTE_GRID_CONSTANT typename BwdKeyMajor<Cfg, kFuseDQ>::Params const p) {
+  using K = BwdKeyMajor<Cfg, kFuseDQ>;
   using E = typename K::E;
   static_assert(sizeof(typename K::Shared) <= kMaxSharedBytes, "shared memory over the sm_90 limit");
   constexpr int D = K::D, N = K::N, S = K::S;
@@ -217,6 +237,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   clear(accK);
   clear(accV);
 
+  // Fused dQ: this warpgroup's dS to smem, then dQ partial over its 64 keys.
+  typename K::MmaDQ mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(tid);
+  Tensor sDs = make_tensor(make_smem_ptr(sh.ds), typename K::DsLayout{});
+  Tensor sDsT = make_tensor(make_smem_ptr(sh.ds), typename K::DsT{});
+  Tensor sKt = make_tensor(make_smem_ptr(sh.k), typename K::ResidentT{});
+  Tensor tQrDs = thr_dq.make_fragment_A(thr_dq.partition_A(sDs));   // (MMA, M, K, buf)
+  Tensor tQrKt = thr_dq.make_fragment_B(thr_dq.partition_B(sKt));   // (MMA, D, K, WG)
+  Tensor cQ = make_identity_tensor(Shape<Int<N>, Int<D>>{});
+  Tensor tQcQ = thr_dq.partition_C(cQ);
+  const int64_t bh = int64_t(b) * p.heads + h;
+
   const float scale = p.scale, scale_log2 = p.scale * float(M_LOG2E);
   cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.resident, 0);
 
@@ -246,8 +278,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < size(accS); ++i) {
         rdS(i) = E(scale * accS(i) * (accP(i) - st_s[get<1>(tScS(i))].d));
       }
-      wgmma<false>(mma_o, rdS, tOrQt(_, _, _, s), accK);
-      warpgroup_wait<0>();
+      if constexpr (kFuseDQ) {
+        const int buf = 2 * w + (it & 1);  // double-buffered: reuse two iterations later
+        Tensor tSsDsT = thr_s.partition_C(sDsT(_, _, buf));  // this thread's dS^T elements
+        CUTE_UNROLL
+        for (int i = 0; i < size(rdS); ++i) tSsDsT(i) = rdS(i);
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by wgmma
+        cutlass::arch::NamedBarrier::sync(128, 1 + w);
+        wgmma<false>(mma_o, rdS, tOrQt(_, _, _, s), accK);
+        warpgroup_wait<0>();  // rdS is free before the dQ accumulator is live
+        Tensor accDQ = partition_fragment_C(mma_dq, Shape<Int<N>, Int<D>>{});
+        wgmma<true>(mma_dq, tQrDs(_, _, _, buf), tQrKt(_, _, _, w), accDQ);
+        warpgroup_wait<0>();
+        float* acc = p.dq_accum + (bh * p.padded + q0) * D;
+        CUTE_UNROLL
+        for (int i = 0; i < size(accDQ); i += 2) {
+          atomicAdd(reinterpret_cast<float2*>(acc + get<0>(tQcQ(i)) * D + get<1>(tQcQ(i))),
+                    make_float2(accDQ(i), accDQ(i + 1)));
+        }
+      } else {
+        wgmma<false>(mma_o, rdS, tOrQt(_, _, _, s), accK);
+        warpgroup_wait<0>();
+      }
     }
     cutlass::arch::ClusterBarrier::arrive(&sh.bar.empty[s]);
   }
@@ -409,6 +461,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   store_rows<E, D>(accQ, tOcO, p.gq, p.seq, p.heads, b, h, row0);
+}
+
+// ---------------------------------------------------------------------------------
+// Fused mode's postprocess: dQ from the fp32 accumulator to the input dtype (the scale
+// is already folded into dS). One thread per 4 elements, in the output's order.
+// ---------------------------------------------------------------------------------
+template <class E, int D>
+__global__ void bwd_dq_convert_kernel(const float* __restrict__ accum, E* __restrict__ dq,
+                                      int batch, int seq, int heads, int padded) {
+  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  const int64_t total = int64_t(batch) * seq * heads * D;
+  if (i >= total) return;
+  const int d = int(i % D);
+  const int64_t row = i / D;  // (b, t, h)
+  const int h = int(row % heads);
+  const int64_t bt = row / heads;
+  const int t = int(bt % seq);
+  const int b = int(bt / seq);
+  const float4 x = *reinterpret_cast<const float4*>(
+      accum + ((int64_t(b) * heads + h) * padded + t) * D + d);
+  dq[i] = E(x.x);
+  dq[i + 1] = E(x.y);
+  dq[i + 2] = E(x.z);
+  dq[i + 3] = E(x.w);
 }
 
 }  // namespace mgd

@@ -48,14 +48,35 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  {
-    using K = BwdKeyMajor<Cfg>;
+  if (!a.deterministic) {
+    const size_t accum_bytes = size_t(Bn) * H * padded * D * sizeof(float);
+    cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, accum_bytes, stream);
+    if (err != cudaSuccess) return err;
+    using K = BwdKeyMajor<Cfg, true>;
     typename K::Params p{make_row_tma<Cfg, R>(a.k, Bn, T, H),    make_row_tma<Cfg, R>(a.v, Bn, T, H),
                          make_row_tma<Cfg, K::N>(a.q, Bn, T, H), make_row_tma<Cfg, K::N>(a.do_, Bn, T, H),
-                         a.stats, a.dk, a.dv, Bn, T, H, padded, a.scale, a.causal};
+                         a.stats, a.dq_accum, a.dk, a.dv, Bn, T, H, padded, a.scale, a.causal};
+    {
+      BwdNvtxRange range("mgd_bwd_dkdv_dq_fused", a);
+      err = launch_bwd_main(bwd_dkdv_kernel<Cfg, true>, p, int(sizeof(typename K::Shared)), a,
+                            stream);
+      if (err != cudaSuccess) return err;
+    }
+    BwdNvtxRange range("mgd_bwd_dq_convert", a);
+    const int64_t threads = int64_t(Bn) * T * H * D / 4;
+    const int block = 256;
+    bwd_dq_convert_kernel<E, D><<<unsigned((threads + block - 1) / block), block, 0, stream>>>(
+        a.dq_accum, static_cast<E*>(a.dq), Bn, T, H, padded);
+    return cudaGetLastError();
+  }
+  {
+    using K = BwdKeyMajor<Cfg, false>;
+    typename K::Params p{make_row_tma<Cfg, R>(a.k, Bn, T, H),    make_row_tma<Cfg, R>(a.v, Bn, T, H),
+                         make_row_tma<Cfg, K::N>(a.q, Bn, T, H), make_row_tma<Cfg, K::N>(a.do_, Bn, T, H),
+                         a.stats, nullptr, a.dk, a.dv, Bn, T, H, padded, a.scale, a.causal};
     BwdNvtxRange range("mgd_bwd_dkdv", a);
-    cudaError_t err = launch_bwd_main(bwd_dkdv_kernel<Cfg>, p, int(sizeof(typename K::Shared)), a,
-                                      stream);
+    cudaError_t err = launch_bwd_main(bwd_dkdv_kernel<Cfg, false>, p,
+                                      int(sizeof(typename K::Shared)), a, stream);
     if (err != cudaSuccess) return err;
   }
   {

@@ -29,7 +29,8 @@ for step in $STEPS; do
   driver)
     {
       for args in "1 1 1 64 1 0" "2 65 3 64 0 0 0 1" "1 200 2 128 1 0 0 1" "1 257 2 128 0 1" \
-                  "1 1000 3 64 1 1 0 1" "2 4096 4 128 1 0"; do
+                  "1 1000 3 64 1 1 0 1" "2 4096 4 128 1 0" "1 1 1 64 1 0 0 0 1" "2 65 3 64 0 0 0 1 1" \
+                  "1 200 2 128 1 0 0 1 1" "1 1000 3 64 1 1 0 1 1" "2 4096 4 128 1 0 0 0 1"; do
         timeout 15 $DRV $args; rc=$?
         [ $rc -ne 0 ] && echo "FAILED (rc $rc): $args"
         [ $rc -eq 124 ] && { echo "kernel hangs: stopping the checks here"; exit 1; }
@@ -38,7 +39,8 @@ for step in $STEPS; do
       for hd in "12 64" "16 128"; do
         set -- $hd
         for t in $LENGTHS; do
-          timeout 30 $DRV 1 $t $1 $2 1 0 20 | tail -1 | sed "s/^/T=$t H=$1 D=$2: /"
+          timeout 30 $DRV 1 $t $1 $2 1 0 20 0 0 | tail -1 | sed "s/^/T=$t H=$1 D=$2 deterministic: /"
+          timeout 30 $DRV 1 $t $1 $2 1 0 20 0 1 | tail -1 | sed "s/^/T=$t H=$1 D=$2 fused:         /"
         done
       done
     } 2>&1 | tee "$OUT/bwd_driver.log"
@@ -53,7 +55,7 @@ for step in $STEPS; do
   sanitizer)
     {
       for tool in memcheck racecheck; do
-        for args in "1 130 1 128 1 0 0 1" "1 70 2 64 0 1"; do
+        for args in "1 130 1 128 1 0 0 1" "1 70 2 64 0 1" "1 130 1 128 1 0 0 1 1" "1 70 2 64 0 1 0 0 1"; do
           echo "-- $tool $args"
           timeout 60 compute-sanitizer --tool $tool --print-limit 10 $DRV $args 2>&1 | tail -3
         done

@@ -1,7 +1,9 @@
 // Standalone driver of the attention backward, for the device-side checks in
 // scripts/cuda_checks_bwd.sh: runs one shape on fresh random inputs, checks that every
 // output element was written and finite, that two runs agree bit for bit, and times it.
-//   bwd_driver B T H D causal(0/1) fp16(0/1) [iterations] [dlse(0/1)]
+//   bwd_driver B T H D causal(0/1) fp16(0/1) [iterations] [dlse(0/1)] [fused(0/1)]
+// fused=1 runs the non-deterministic mode (dQ reduced in fp32 by the key-major kernel):
+// there a rerun may differ in the last bits, which is reported but not a failure.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,13 +35,14 @@ static float uniform() {  // xorshift; the kernels only need non-degenerate data
 
 int main(int argc, char** argv) {
   if (argc < 7) {
-    std::fprintf(stderr, "usage: %s B T H D causal fp16 [iters] [dlse]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s B T H D causal fp16 [iters] [dlse] [fused]\n", argv[0]);
     return 2;
   }
   int B = std::atoi(argv[1]), T = std::atoi(argv[2]), H = std::atoi(argv[3]), D = std::atoi(argv[4]);
   bool causal = std::atoi(argv[5]) != 0, fp16 = std::atoi(argv[6]) != 0;
   int iters = argc > 7 ? std::atoi(argv[7]) : 0;
   bool with_dlse = argc > 8 && std::atoi(argv[8]) != 0;
+  bool fused = argc > 9 && std::atoi(argv[9]) != 0;
   size_t n = size_t(B) * T * H * D;
   // One random host buffer; each input gets it rotated by a different offset.
   std::vector<uint16_t> host(n);
@@ -71,7 +74,7 @@ int main(int argc, char** argv) {
   c.dtype = fp16 ? mgd::DType::kFloat16 : mgd::DType::kBFloat16;
   c.batch = B; c.seq = T; c.heads = H; c.head_dim = D; c.scale = 1.f / std::sqrt(float(D));
   c.causal = causal;
-  c.deterministic = true;
+  c.deterministic = !fused;
   c.q = in[0]; c.k = in[1]; c.v = in[2]; c.o = in[3]; c.do_ = in[4];
   c.lse = d_lse; c.dlse = with_dlse ? d_dlse : nullptr;
   c.dq = out[0]; c.dk = out[1]; c.dv = out[2];
@@ -96,8 +99,9 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpy(host.data(), out[j], n * 2, cudaMemcpyDeviceToHost));
     same = same && std::memcmp(host.data(), first[j].data(), n * 2) == 0;
   }
-  std::printf("bwd B=%d T=%d H=%d D=%d causal=%d %s dlse=%d: outputs %s, rerun %s\n", B, T, H, D,
-              int(causal), fp16 ? "fp16" : "bf16", int(with_dlse),
+  std::printf("bwd B=%d T=%d H=%d D=%d causal=%d %s dlse=%d %s: outputs %s, rerun %s\n", B, T, H,
+              D, int(causal), fp16 ? "fp16" : "bf16", int(with_dlse),
+              fused ? "fused" : "deterministic",
               bad ? "NOT all written/finite" : "all written and finite",
               same ? "bitwise identical" : "DIFFERS");
   if (iters > 0) {
@@ -116,5 +120,5 @@ int main(int argc, char** argv) {
     double flop = 5.0 * 2 * B * H * double(T) * T * D * (causal ? 0.5 : 1.0);
     std::printf("time median %.3f ms, effective %.1f TFLOP/s\n", med, flop / med / 1e9);
   }
-  return (bad || !same) ? 1 : 0;
+  return (bad || (!same && !fused)) ? 1 : 0;
 }
