@@ -290,10 +290,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         Tensor accDQ = partition_fragment_C(mma_dq, Shape<Int<N>, Int<D>>{});
         wgmma<true>(mma_dq, tQrDs(_, _, _, buf), tQrKt(_, _, _, w), accDQ);
         warpgroup_wait<0>();
-        float* acc = p.dq_accum + (bh * p.padded + q0) * D;
+        // One base pointer per thread; element i sits at a compile-time offset from it
+        // (wgmma C layout: row slot (i >> 1) & 1 adds 8 rows, i >> 2 adds 8 columns).
+        float* acc = p.dq_accum + (bh * p.padded + q0 + get<0>(tQcQ(0))) * D + get<1>(tQcQ(0));
         CUTE_UNROLL
         for (int i = 0; i < size(accDQ); i += 2) {
-          atomicAdd(reinterpret_cast<float2*>(acc + get<0>(tQcQ(i)) * D + get<1>(tQcQ(i))),
+          atomicAdd(reinterpret_cast<float2*>(acc + row_slot(i) * 8 * D + (i >> 2) * 8),
                     make_float2(accDQ(i), accDQ(i + 1)));
         }
       } else {
