@@ -1,9 +1,18 @@
-"""The CUDA backend: the Hopper double-backward kernel (kernels/) through XLA FFI.
+"""The CUDA backend: the Hopper attention kernels (kernels/) through XLA FFI.
 
-Only the double backward runs the CUDA kernels of this package. The forward
-(with log-sum-exp) and first backward are delegated to the first reference backend
-of `mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Pallas, then Triton,
-then naive XLA): see kernels/DESIGN.md, "What is not ours yet".
+The double backward and the backward run the CUDA kernels of this package. The
+forward (with log-sum-exp) is delegated to the first reference backend of
+`mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Pallas, then Triton,
+then naive XLA): see kernels/DESIGN.md, "What is not ours yet". So is the backward
+where the library was built without it.
+
+Switches, read at call time:
+  MGD_CUDA_DELEGATE=backward    (comma list; "forward" is always delegated today)
+      forces the delegate for the named stages, to compare both in one process;
+  MGD_CUDA_DETERMINISTIC=0|1    the backward's `deterministic` default (keyword
+      `deterministic=` of `backward` overrides it): 1 runs the split form (dQ in its
+      own query-major pass, bitwise repeatable), 0 the fused form (dQ reduced in fp32
+      by atomics inside the key-major kernel, one pass fewer, last bits vary).
 
 The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
 installed next to this file; its FFI target is registered with JAX on first use.
@@ -24,6 +33,7 @@ from mgd import devices
 
 NAME = "cuda"
 TARGET = "mgd_attention_double_backward"
+BACKWARD_TARGET = "mgd_attention_backward"
 LIBRARY = "libmgd_cuda.so"
 HEAD_DIMS = (64, 128)
 DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
@@ -49,7 +59,7 @@ def _library_candidates():
         yield os.path.join(sysconfig.get_paths()[key], "mgd", "bindings", LIBRARY)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     """(library, None) once the FFI target is registered, else (None, reason)."""
     tried = []
@@ -66,6 +76,11 @@ def _load():
             lib.MgdDoubleBackwardWorkspaceBytes.argtypes = [ctypes.c_int] * 3
             jax.ffi.register_ffi_target(
                 TARGET, jax.ffi.pycapsule(lib.MgdAttentionDoubleBackward), platform="CUDA")
+            if hasattr(lib, "MgdAttentionBackward"):
+                lib.MgdBackwardWorkspaceBytes.restype = ctypes.c_size_t
+                lib.MgdBackwardWorkspaceBytes.argtypes = [ctypes.c_int] * 5
+                jax.ffi.register_ffi_target(
+                    BACKWARD_TARGET, jax.ffi.pycapsule(lib.MgdAttentionBackward), platform="CUDA")
             return lib, None
     return None, ("the CUDA extension (libmgd_cuda.so) is not built: it needs nvcc >= 12.8 at "
                   "install time (pip install . on a machine with CUDA); looked in "
@@ -157,7 +172,59 @@ def forward(q, k, v, *, causal, scale):
     return _delegate_for(q, k, v, causal).forward(q, k, v, causal=causal, scale=scale)
 
 
-def backward(q, k, v, o, lse, do, *, causal, scale, dlse=None):
-    """(dq, dk, dv), delegated to a reference backend (not a kernel of this package yet)."""
+def delegated_stages():
+    """Stages forced onto the delegate by MGD_CUDA_DELEGATE (read at call time)."""
+    raw = os.environ.get("MGD_CUDA_DELEGATE", "")
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def deterministic_default():
+    """The backward's `deterministic` default, from MGD_CUDA_DETERMINISTIC (on unless "0")."""
+    return os.environ.get("MGD_CUDA_DETERMINISTIC", "1").strip() != "0"
+
+
+def backward_kernel_reason(q, k, v, *, causal):
+    """None if our backward kernel serves these inputs here (and is not switched off),
+    else why the backward goes to the delegate."""
+    if "backward" in delegated_stages():
+        return "MGD_CUDA_DELEGATE names backward"
+    reason = unavailable_reason(q, k, v, causal=causal)
+    if reason is not None:
+        return reason
+    lib, _ = _load()
+    if not hasattr(lib, "MgdAttentionBackward"):
+        return "the CUDA library was built without the backward kernel"
+    return None
+
+
+def kernel_backward(q, k, v, o, lse, do, *, causal, scale, dlse=None, deterministic=None):
+    """(dq, dk, dv) from our Hopper kernels: preprocess, key-major dK/dV, then either a
+    query-major dQ pass (deterministic) or dQ fused into the key-major pass (fp32 atomics)."""
+    lib = _require()
+    if deterministic is None:
+        deterministic = deterministic_default()
+    *lead, t, h, d = q.shape
+    batch = int(np.prod(lead)) if lead else 1
+    workspace = int(lib.MgdBackwardWorkspaceBytes(batch, t, h, d, int(bool(deterministic))))
+    like = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    outs = (like, like, like, jax.ShapeDtypeStruct((workspace,), jnp.uint8))
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, outs, vmap_method="broadcast_all")
+    lse = lse.astype(jnp.float32)
+    has_dlse = dlse is not None
+    dlse = dlse.astype(jnp.float32) if has_dlse else lse  # ignored when has_dlse is 0
+    with _nvtx_range(f"mgd.cuda.backward B={batch} T={t} H={h} D={d}"):
+        dq, dk, dv, _ = call(q, k, v, o, do, lse, dlse, causal=np.int32(bool(causal)),
+                             has_dlse=np.int32(has_dlse),
+                             deterministic=np.int32(bool(deterministic)),
+                             scale=np.float32(scale))
+    return dq, dk, dv
+
+
+def backward(q, k, v, o, lse, do, *, causal, scale, dlse=None, deterministic=None):
+    """(dq, dk, dv): our kernel where it serves (see backward_kernel_reason), else the
+    delegate reference backend."""
+    if backward_kernel_reason(q, k, v, causal=causal) is None:
+        return kernel_backward(q, k, v, o, lse, do, causal=causal, scale=scale, dlse=dlse,
+                               deterministic=deterministic)
     return _delegate_for(q, k, v, causal).backward(q, k, v, o, lse, do, causal=causal,
                                                     scale=scale, dlse=dlse)

@@ -1,0 +1,31 @@
+// Public entry point of the CUDA attention backward (no CUDA or CuTe headers needed).
+#pragma once
+
+#include <cstddef>
+#include <cuda_runtime_api.h>
+
+#include "attention_dbwd.h"  // DType
+
+namespace mgd {
+
+struct BackwardCall {
+  DType dtype;
+  int batch, seq, heads, head_dim;  // layout [batch, seq, heads, head_dim]
+  float scale;
+  bool causal;
+  bool deterministic;                 // the split form: dQ in its own query-major pass
+  const void *q, *k, *v, *o, *do_;    // inputs, dtype
+  const float* lse;                   // [batch, heads, seq]
+  const float* dlse;                  // [batch, heads, seq] cotangent of lse, or nullptr
+  void *dq, *dk, *dv;                 // outputs, dtype
+  void* workspace;                    // backward_workspace_bytes()
+};
+
+// Bytes of device workspace one call needs (row statistics of every query row).
+size_t backward_workspace_bytes(int batch, int seq, int heads, int head_dim, bool deterministic);
+
+// Launches the backward on `stream`. Returns cudaErrorInvalidValue for shapes or
+// dtypes the kernels do not cover (head_dim other than 64 or 128).
+cudaError_t backward(const BackwardCall& call, cudaStream_t stream);
+
+}  // namespace mgd

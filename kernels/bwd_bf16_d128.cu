@@ -1,0 +1,6 @@
+// One instantiation per translation unit keeps the (parallel) build short.
+#include "bwd_launch.cuh"
+
+namespace mgd {
+template cudaError_t launch_backward<cutlass::bfloat16_t, 128>(const BackwardArgs&, cudaStream_t);
+}  // namespace mgd

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Device-side checks of the CUDA attention backward (dq, dk, dv), run on an H100/H200:
+#   export CMAKE_ARGS=-DMGD_BUILD_DRIVER=ON
+#   source scripts/device_setup.sh && MGD_BUILD_DIR=build/device scripts/cuda_checks_bwd.sh
+# Everything it writes goes under $OUT:
+#   bwd_sass.txt       HGMMA / UTMALDG / LDL-STL counts per backward kernel
+#   bwd_driver.log     every output written and finite, two runs bitwise identical; timing
+#   bwd_pytest.log     tests/test_cuda_backward.py and the grad-of-grad test of test_cuda.py
+#   bwd_timing.log     impl cuda's backward against Pallas and cuDNN through JAX
+#   bwd_sanitizer.log  compute-sanitizer memcheck and racecheck on small shapes
+# Knobs: MGD_BWD_STEPS (default "sass driver pytest timing sanitizer"), MGD_TIMING_LENGTHS.
+set -uo pipefail
+OUT=${OUT:-/tmp/mgd_checks}
+mkdir -p "$OUT"
+BUILD=${MGD_BUILD_DIR:-build/device}
+PY=${PYTHON:-python3}
+DRV=$BUILD/kernels/bwd_driver
+STEPS=${MGD_BWD_STEPS:-"sass driver pytest timing sanitizer"}
+LENGTHS=${MGD_TIMING_LENGTHS:-"1024 2048 4096 8192 16384 32768"}
+
+for step in $STEPS; do
+  case $step in
+  sass)
+    LIB=$(find $BUILD -name 'libmgd_cuda.so' | head -1)
+    cuobjdump --dump-sass "$LIB" 2>/dev/null |
+      awk '/Function :/ {name=$3} /HGMMA/ {h[name]++} /UTMALDG/ {t[name]++} /LDL|STL/ {l[name]++}
+           END {for (n in h) if (n ~ /bwd_/) printf "%-90s HGMMA %4d UTMALDG %3d LDL/STL %3d\n", n, h[n], t[n], l[n]}' |
+      tee "$OUT/bwd_sass.txt" ;;
+  driver)
+    {
+      for args in "1 1 1 64 1 0" "2 65 3 64 0 0 0 1" "1 200 2 128 1 0 0 1" "1 257 2 128 0 1" \
+                  "1 1000 3 64 1 1 0 1" "2 4096 4 128 1 0" "1 1 1 64 1 0 0 0 1" "2 65 3 64 0 0 0 1 1" \
+                  "1 200 2 128 1 0 0 1 1" "1 1000 3 64 1 1 0 1 1" "2 4096 4 128 1 0 0 0 1"; do
+        timeout 15 $DRV $args; rc=$?
+        [ $rc -ne 0 ] && echo "FAILED (rc $rc): $args"
+        [ $rc -eq 124 ] && { echo "kernel hangs: stopping the checks here"; exit 1; }
+      done
+      echo "-- timing (CUDA events, bf16, causal, B=1; 5 products halved)"
+      for hd in "12 64" "16 128"; do
+        set -- $hd
+        for t in $LENGTHS; do
+          timeout 30 $DRV 1 $t $1 $2 1 0 20 0 0 | tail -1 | sed "s/^/T=$t H=$1 D=$2 deterministic: /"
+          timeout 30 $DRV 1 $t $1 $2 1 0 20 0 1 | tail -1 | sed "s/^/T=$t H=$1 D=$2 fused:         /"
+        done
+      done
+    } 2>&1 | tee "$OUT/bwd_driver.log"
+    grep -q "kernel hangs" "$OUT/bwd_driver.log" && exit 1 ;;
+  pytest)
+    { timeout ${MGD_PYTEST_TIMEOUT:-200} $PY -m pytest tests/test_cuda_backward.py -q -x -p no:cacheprovider
+      timeout 120 $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "grad_of_grad or long_causal_sequence"
+    } 2>&1 | tee "$OUT/bwd_pytest.log" | grep -E "passed|failed|error|Error|assert" | tail -20 ;;
+  timing)
+    timeout ${MGD_TIMING_TIMEOUT:-150} $PY scripts/bwd_timing.py --lengths $LENGTHS 2>&1 |
+      grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT/bwd_timing.log" ;;
+  sanitizer)
+    {
+      for tool in memcheck racecheck; do
+        for args in "1 130 1 128 1 0 0 1" "1 70 2 64 0 1" "1 130 1 128 1 0 0 1 1" "1 70 2 64 0 1 0 0 1"; do
+          echo "-- $tool $args"
+          timeout 60 compute-sanitizer --tool $tool --print-limit 10 $DRV $args 2>&1 | tail -3
+        done
+      done
+    } 2>&1 | tee "$OUT/bwd_sanitizer.log" ;;
+  esac
+done
