@@ -15,7 +15,9 @@ left() { echo $(( ${MGD_DEADLINE_S:-560} - ($(date +%s) - START) )); }
 
 rm -rf /tmp/old831 && mkdir -p /tmp/old831 && cp -r "$OLD/mgd" /tmp/old831/ &&
   for d in pipeline reference bindings; do cp -r "$OLD/$d" /tmp/old831/mgd/; done
-source scripts/device_setup.sh > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+if [ -z "${MGD_DEVICE_SETUP_DONE:-}" ]; then
+  source scripts/device_setup.sh > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+fi
 { echo "commit ${MGD_COMMIT:-unknown}; date $(date -u +%F)"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; } > "$OUT/env.txt"
 echo "build done after $(( $(date +%s) - START )) s"
 
