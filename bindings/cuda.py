@@ -1,9 +1,12 @@
-"""The CUDA backend: the Hopper double-backward kernel (kernels/) through XLA FFI.
+"""The CUDA backend: the Hopper kernels of kernels/ through XLA FFI.
 
-Only the double backward runs the CUDA kernels of this package. The forward
-(with log-sum-exp) and first backward are delegated to the first reference backend
-of `mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Pallas, then Triton,
-then naive XLA): see kernels/DESIGN.md, "What is not ours yet".
+The forward (with log-sum-exp) and the double backward run the CUDA kernels of this
+package. The first backward is delegated to the first reference backend of
+`mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Pallas, then Triton,
+then naive XLA): see kernels/DESIGN.md, "What is not ours yet". The environment
+variable MGD_CUDA_DELEGATE (a comma-separated list of stages, e.g. "forward"), read
+at call time, forces the delegate for those stages, so that a benchmark can compare
+both in one process.
 
 The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
 installed next to this file; its FFI target is registered with JAX on first use.
@@ -24,6 +27,8 @@ from mgd import devices
 
 NAME = "cuda"
 TARGET = "mgd_attention_double_backward"
+FORWARD_TARGET = "mgd_attention_forward"
+DELEGATE_ENV = "MGD_CUDA_DELEGATE"
 LIBRARY = "libmgd_cuda.so"
 HEAD_DIMS = (64, 128)
 DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
@@ -66,6 +71,9 @@ def _load():
             lib.MgdDoubleBackwardWorkspaceBytes.argtypes = [ctypes.c_int] * 3
             jax.ffi.register_ffi_target(
                 TARGET, jax.ffi.pycapsule(lib.MgdAttentionDoubleBackward), platform="CUDA")
+            if hasattr(lib, "MgdAttentionForward"):
+                jax.ffi.register_ffi_target(
+                    FORWARD_TARGET, jax.ffi.pycapsule(lib.MgdAttentionForward), platform="CUDA")
             return lib, None
     return None, ("the CUDA extension (libmgd_cuda.so) is not built: it needs nvcc >= 12.8 at "
                   "install time (pip install . on a machine with CUDA); looked in "
@@ -152,8 +160,43 @@ def _delegate_for(q, k, v, causal):
     return importlib.import_module("mgd.reference.xla")
 
 
+def delegated_stages():
+    """The stages MGD_CUDA_DELEGATE forces onto the delegate backend (read at call time)."""
+    value = os.environ.get(DELEGATE_ENV, "")
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _forward_kernel_reason(q, k, v, scale):
+    """None if our forward kernel serves this call, else why the delegate runs it."""
+    if "forward" in delegated_stages():
+        return f"{DELEGATE_ENV} names forward"
+    reason = unavailable_reason(q, k, v, causal=True)
+    if reason is not None:
+        return reason
+    lib, _ = _load()
+    if not hasattr(lib, "MgdAttentionForward"):
+        return "the built libmgd_cuda.so has no forward kernel"
+    if not float(scale) > 0:
+        return f"scale must be positive, got {scale}"
+    return None
+
+
+def forward_kernel(q, k, v, *, causal, scale):
+    """(o, lse [..., H, T] float32, natural log) from our Hopper forward kernel."""
+    _require()
+    *lead, t, h, d = q.shape
+    batch = int(np.prod(lead)) if lead else 1
+    outs = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((*lead, h, t), jnp.float32))
+    call = jax.ffi.ffi_call(FORWARD_TARGET, outs, vmap_method="broadcast_all")
+    with _nvtx_range(f"mgd.cuda.forward B={batch} T={t} H={h} D={d}"):
+        return call(q, k, v, causal=np.int32(bool(causal)), scale=np.float32(scale))
+
+
 def forward(q, k, v, *, causal, scale):
-    """(o, lse), delegated to a reference backend (not a kernel of this package yet)."""
+    """(o, lse): our forward kernel where it serves the inputs, else the delegate."""
+    if _forward_kernel_reason(q, k, v, scale) is None:
+        return forward_kernel(q, k, v, causal=causal, scale=scale)
     return _delegate_for(q, k, v, causal).forward(q, k, v, causal=causal, scale=scale)
 
 
