@@ -1,14 +1,13 @@
 """The CUDA backend: the Hopper attention kernels (kernels/) through XLA FFI.
 
-The double backward and the backward run the CUDA kernels of this package. The
-forward (with log-sum-exp) is delegated to the first reference backend of
-`mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here (Pallas, then Triton,
-then naive XLA): see kernels/DESIGN.md, "What is not ours yet". So is the backward
-where the library was built without it.
+The forward (with log-sum-exp), the backward and the double backward run the CUDA
+kernels of this package. A stage the built library lacks is delegated to the first
+reference backend of `mgd.backends.AUTO_ORDER_GPU` that can serve the inputs here
+(Pallas, then Triton, then naive XLA).
 
 Switches, read at call time:
-  MGD_CUDA_DELEGATE=backward    (comma list; "forward" is always delegated today)
-      forces the delegate for the named stages, to compare both in one process;
+  MGD_CUDA_DELEGATE=forward,backward    (comma list) forces the delegate for the named
+      stages, to compare both in one process;
   MGD_CUDA_DETERMINISTIC=0|1    the backward's `deterministic` default (keyword
       `deterministic=` of `backward` overrides it): 1 runs the split form (dQ in its
       own query-major pass, bitwise repeatable), 0 the fused form (dQ reduced in fp32
@@ -34,6 +33,8 @@ from mgd import devices
 NAME = "cuda"
 TARGET = "mgd_attention_double_backward"
 BACKWARD_TARGET = "mgd_attention_backward"
+FORWARD_TARGET = "mgd_attention_forward"
+DELEGATE_ENV = "MGD_CUDA_DELEGATE"
 LIBRARY = "libmgd_cuda.so"
 HEAD_DIMS = (64, 128)
 DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
@@ -76,6 +77,9 @@ def _load():
             lib.MgdDoubleBackwardWorkspaceBytes.argtypes = [ctypes.c_int] * 3
             jax.ffi.register_ffi_target(
                 TARGET, jax.ffi.pycapsule(lib.MgdAttentionDoubleBackward), platform="CUDA")
+            if hasattr(lib, "MgdAttentionForward"):
+                jax.ffi.register_ffi_target(
+                    FORWARD_TARGET, jax.ffi.pycapsule(lib.MgdAttentionForward), platform="CUDA")
             if hasattr(lib, "MgdAttentionBackward"):
                 lib.MgdBackwardWorkspaceBytes.restype = ctypes.c_size_t
                 lib.MgdBackwardWorkspaceBytes.argtypes = [ctypes.c_int] * 5
@@ -167,15 +171,43 @@ def _delegate_for(q, k, v, causal):
     return importlib.import_module("mgd.reference.xla")
 
 
-def forward(q, k, v, *, causal, scale):
-    """(o, lse), delegated to a reference backend (not a kernel of this package yet)."""
-    return _delegate_for(q, k, v, causal).forward(q, k, v, causal=causal, scale=scale)
-
-
 def delegated_stages():
     """Stages forced onto the delegate by MGD_CUDA_DELEGATE (read at call time)."""
-    raw = os.environ.get("MGD_CUDA_DELEGATE", "")
+    raw = os.environ.get(DELEGATE_ENV, "")
     return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def forward_kernel_reason(q, k, v, *, causal):
+    """None if our forward kernel serves these inputs here (and is not switched off),
+    else why the forward goes to the delegate."""
+    if "forward" in delegated_stages():
+        return f"{DELEGATE_ENV} names forward"
+    reason = unavailable_reason(q, k, v, causal=causal)
+    if reason is not None:
+        return reason
+    lib, _ = _load()
+    if not hasattr(lib, "MgdAttentionForward"):
+        return "the CUDA library was built without the forward kernel"
+    return None
+
+
+def kernel_forward(q, k, v, *, causal, scale):
+    """(o, lse [..., H, T] float32, natural log) from our Hopper forward kernel."""
+    _require()
+    *lead, t, h, d = q.shape
+    batch = int(np.prod(lead)) if lead else 1
+    outs = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((*lead, h, t), jnp.float32))
+    call = jax.ffi.ffi_call(FORWARD_TARGET, outs, vmap_method="broadcast_all")
+    with _nvtx_range(f"mgd.cuda.forward B={batch} T={t} H={h} D={d}"):
+        return call(q, k, v, causal=np.int32(bool(causal)), scale=np.float32(scale))
+
+
+def forward(q, k, v, *, causal, scale):
+    """(o, lse): our kernel where it serves (see forward_kernel_reason), else the delegate."""
+    if forward_kernel_reason(q, k, v, causal=causal) is None:
+        return kernel_forward(q, k, v, causal=causal, scale=scale)
+    return _delegate_for(q, k, v, causal).forward(q, k, v, causal=causal, scale=scale)
 
 
 def deterministic_default():
@@ -187,7 +219,7 @@ def backward_kernel_reason(q, k, v, *, causal):
     """None if our backward kernel serves these inputs here (and is not switched off),
     else why the backward goes to the delegate."""
     if "backward" in delegated_stages():
-        return "MGD_CUDA_DELEGATE names backward"
+        return f"{DELEGATE_ENV} names backward"
     reason = unavailable_reason(q, k, v, causal=causal)
     if reason is not None:
         return reason

@@ -1,0 +1,6 @@
+// One instantiation per translation unit keeps the (parallel) build short.
+#include "fwd_launch.cuh"
+
+namespace mgd {
+template cudaError_t launch_forward<cutlass::bfloat16_t, 128>(const ForwardCall&, cudaStream_t);
+}  // namespace mgd
