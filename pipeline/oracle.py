@@ -23,9 +23,11 @@ Making this fit in memory:
     micro-batch are live at a time (and the accumulator, being linear, needs no
     stored residual per micro-batch).
 
-`label` runs many rounds, data-parallel over the local devices (one round per
-device at a time, parameters replicated), z-scores the scores within each round
-and averages them per row over the rounds the row appeared in.
+`label` runs many rounds, data-parallel over the local devices (`rounds_per_device`
+rounds per device at a time, parameters replicated) and split across processes
+(`distributed.py`), z-scores the scores within each round and averages them per row
+over the rounds the row appeared in; the memory planner (`planner.py`) chooses the round
+program for the device.
 """
 from __future__ import annotations
 

@@ -334,3 +334,32 @@ class Planner:
         """The candidates, cheapest first, one line each (for the dry-run)."""
         return [f"{c.name}: {c.forward_equivalents:.2f} forward-equivalents per round, "
                 f"relative cost per row {c.cost:.3g}" for c in self.ranked[:top]]
+
+
+def dry_run_lines(cfg, devices: int = 1, top: int = 6) -> list[str]:
+    """What `mgd run --dry-run` says of the round program of `cfg` (a RunConfig): the
+    configured one, the planner's choice where an accelerator is present, or, on a CPU,
+    that it is planned at run time on the device, with the candidates cheapest first."""
+    from mgd.pipeline.model import GPTConfig
+    oc = cfg.oracle
+    program = (f"remat {oc.remat.block} block / micro-batch remat {oc.remat.micro_batch} / "
+               f"segments {oc.remat.segments}, micro_batch {oc.micro_batch}, "
+               f"rounds per device {oc.rounds_per_device}")
+    if not oc.auto_plan:
+        return [f"configured (oracle.auto_plan = false): {program}"]
+    model_cfg = GPTConfig(vocab_size=cfg.corpus.vocab_size, seq_len=cfg.corpus.seq_len,
+                          **dataclasses.asdict(cfg.model))
+    target_rows = min(oc.target_batch, cfg.corpus.n_target)
+    rounds = -(-oc.rounds // devices)
+    p = Planner.for_device(model_cfg, oc, target_rows, rounds, 1)
+    budget = (f"{p.budget / 1e9:.2f} GB ({p.budget_source})" if p.budget
+              else "the device's bytes_limit")
+    if jax.default_backend() != "cpu" and p.budget is not None:
+        p.plan()
+        est = p.metadata()["chosen_estimate_bytes"]
+        return [f"planned for {budget}: {p.chosen.name}, estimated {est / 1e9:.2f} GB "
+                f"({len(p.tried)} programs checked)"]
+    return ([f"planned at run time on the device, for {budget} (no accelerator here to "
+             f"compile for); if none fits or no limit is known: {program}",
+             "candidates, cheapest first (the first whose XLA estimate fits is taken):"]
+            + ["  " + line for line in p.describe(top)])
