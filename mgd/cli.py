@@ -135,8 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attention-impl", metavar="IMPL",
                    help=f"attention kernel: {', '.join(ATTENTION_IMPLS)} (default: auto, the "
                         f"fastest this machine has)")
+    r.add_argument("--memory-budget", metavar="SIZE",
+                   help="device memory the oracle's rounds may use, e.g. 16GB or 80GiB: the "
+                        "memory planner picks the fastest round program that fits (sets "
+                        "oracle.memory_budget and oracle.auto_plan) (default: the preset's; "
+                        "the device's own limit when the planner is on)")
     r.add_argument("--dry-run", action="store_true",
-                   help="print the resolved settings as TOML and exit without running anything")
+                   help="print the resolved settings as TOML, the oracle's round program and "
+                        "each stage's expected time and memory, and exit without running")
+    r.add_argument("--devices", type=_int_at_least(1), metavar="N",
+                   help="with --dry-run: the number of devices (all processes together) to "
+                        "plan the run for (default: 1)")
+    d = r.add_argument_group(
+        "several processes (jax.distributed; one command per host, the run folder on a "
+        "shared filesystem; docs/planner.md)")
+    d.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address (default: $JAX_COORDINATOR_ADDRESS)")
+    d.add_argument("--num-processes", type=_int_at_least(1), metavar="N",
+                   help="processes in all (default: $JAX_NUM_PROCESSES, else one)")
+    d.add_argument("--process-id", type=_int_at_least(0), metavar="I",
+                   help="this process, 0 to N-1 (default: $JAX_PROCESS_ID)")
+    d.add_argument("--distributed", action="store_true",
+                   help="take what is not given from the cluster (SLURM, Open MPI), as "
+                        "jax.distributed.initialize() detects it")
     r.add_argument("--yes", action="store_true",
                    help="run a preset sized for a GPU on a machine without one (default: refuse)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -158,7 +179,8 @@ def build_config(args):
                ("--target", "target", args.target),
                ("--target-source", "corpus.target_source", args.target_source),
                ("--seeds", "seeds", args.seeds),
-               ("--attention-impl", "model.attention_impl", args.attention_impl)]
+               ("--attention-impl", "model.attention_impl", args.attention_impl),
+               ("--memory-budget", "oracle.memory_budget", args.memory_budget)]
     for option, path, value in options:
         if value is not None:
             cfg = cfg_mod.apply_overrides(cfg, [(path, value)], source=option)
@@ -170,7 +192,36 @@ def build_config(args):
         cfg = cfg_mod.apply_overrides(cfg, [("selection.budget_tokens", args.budget_tokens),
                                             ("selection.budget_fraction", "none")],
                                       source="--budget-tokens")
+    if args.memory_budget is not None:
+        cfg = cfg_mod.apply_overrides(cfg, [("oracle.auto_plan", True)], source="--memory-budget")
     return cfg_mod.apply_overrides(cfg, [cfg_mod.parse_assignment(a) for a in args.assignments])
+
+
+def _print_plan(cfg, devices: int) -> None:
+    """The oracle's round program and the run on paper, as TOML comments."""
+    from mgd.pipeline import planner, stage_rates
+    print("\n# The oracle's round program (docs/planner.md):")
+    for line in planner.dry_run_lines(cfg, devices):
+        print(f"#   {line}")
+    print(f"# The run on paper, {devices} device{'s' if devices > 1 else ''} "
+          "(measured rates, pipeline/stage_rates.py):")
+    for line in stage_rates.plan_lines(cfg, devices):
+        print(f"#   {line}")
+
+
+def connect_processes(args):
+    """jax.distributed for a run of several processes (from the options or the
+    environment); the run's `Processes`."""
+    from mgd.pipeline import distributed
+    try:
+        env = distributed.from_env()
+        if (args.coordinator or args.num_processes is not None or args.process_id is not None
+                or args.distributed or "num_processes" in env):
+            return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                          detect=args.distributed)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return distributed.current()
 
 
 class _Elapsed(logging.Formatter):
@@ -199,13 +250,19 @@ def _run(args) -> int:
     from mgd.pipeline import config as cfg_mod
     from mgd.pipeline import run as run_mod
     configure_logging(args.quiet)
+    if args.devices is not None and not args.dry_run:
+        raise UsageError("--devices: only with --dry-run (a run uses the devices it is given)")
     cfg = run_mod.prepare(build_config(args))
     if args.dry_run:
         print(f"# mgd run --preset {args.preset}: the resolved settings (a valid --config file)")
         print(cfg_mod.to_toml(cfg), end="")
+        _print_plan(cfg, args.devices or 1)
         return 0
+    processes = connect_processes(args)
     result = run_mod.run(cfg, args.out, progress=not (args.no_progress or args.quiet),
-                         yes=args.yes)
+                         yes=args.yes, processes=processes)
+    if result is None:   # a process other than the first: its share is merged
+        return 0
     if not args.quiet:
         from mgd.pipeline import report
         rho = report.spearman_vs_labels(result.scorer_summary)

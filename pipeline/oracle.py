@@ -23,13 +23,16 @@ Making this fit in memory:
     micro-batch are live at a time (and the accumulator, being linear, needs no
     stored residual per micro-batch).
 
-`label` runs many rounds, data-parallel over the local devices (one round per
-device at a time, parameters replicated), z-scores the scores within each round
-and averages them per row over the rounds the row appeared in.
+`label` runs many rounds, data-parallel over the local devices (`rounds_per_device`
+rounds per device at a time, parameters replicated) and split across processes
+(`distributed.py`), z-scores the scores within each round and averages them per row
+over the rounds the row appeared in; the memory planner (`planner.py`) chooses the round
+program for the device.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -47,7 +50,10 @@ from mgd.pipeline import artifacts
 from mgd.pipeline.model import GPTConfig, per_example_loss
 from mgd.profiling import nvtx_range
 
+log = logging.getLogger(__name__)
+
 __all__ = ["RematPlan", "PLANS", "OracleConfig", "metagradient_round", "make_round_fn",
+           "make_rounds_fn",
            "plan_rounds", "zscore", "aggregate", "label", "Labels"]
 
 
@@ -138,10 +144,18 @@ class OracleConfig:
     # What the round recomputes to save memory (a RematPlan, or "lean" / "frugal"): the
     # cost of a round, not its result; a memory planner picks it.
     remat: RematPlan = PLANS["lean"]
+    # Rounds each device runs at once (vmapped): more work per matmul, more memory.
+    rounds_per_device: int = 1
+    # Let the memory planner (planner.py) choose remat, micro-batch, segments and rounds per
+    # device for the memory budget; off: the fields above as given.
+    auto_plan: bool = False
+    memory_budget: str | None = None  # e.g. "16GB"; None: the device's bytes_limit
+    max_rounds_per_device: int = 8    # the planner's ceiling on rounds_per_device
 
     def __post_init__(self):
         object.__setattr__(self, "remat", _as_plan(self.remat))
-        for name in ("k", "inner_steps", "rounds", "target_batch"):
+        for name in ("k", "inner_steps", "rounds", "target_batch", "rounds_per_device",
+                     "max_rounds_per_device"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OracleConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.eps_root <= 0:
@@ -150,6 +164,12 @@ class OracleConfig:
         if self.micro_batch is not None and (self.micro_batch < 1 or self.k % self.micro_batch):
             raise ValueError(f"OracleConfig.micro_batch ({self.micro_batch}) must divide "
                              f"k ({self.k})")
+        if self.memory_budget is not None:
+            from mgd.pipeline.planner import parse_bytes
+            try:
+                parse_bytes(self.memory_budget)
+            except ValueError as err:
+                raise ValueError(f"OracleConfig.memory_budget: {err}") from None
 
 
 def _mean_loss(params, seqs, cfg, micro, remat=True):
@@ -393,6 +413,23 @@ def make_round_fn(model_cfg: GPTConfig, oc: OracleConfig, target_micro_batch=Non
     return jax.jit(round_fn)
 
 
+@lru_cache(maxsize=16)
+def make_rounds_fn(model_cfg: GPTConfig, oc: OracleConfig):
+    """fn(params, train [B, k, L+1], target [B, m, L+1], adam_state=None)
+    -> (tau [B, k], phi [B]) for B = `oc.rounds_per_device` rounds at once (vmapped), jitted."""
+    round_fn = make_round_fn(model_cfg, oc)
+    if oc.rounds_per_device == 1:
+        def one(params, train, target, adam_state=None):
+            tau, phi = round_fn(params, train[0], target[0], adam_state)
+            return tau[None], phi[None]
+        return jax.jit(one)
+    batched = jax.vmap(round_fn, in_axes=(None, 0, 0, None))
+
+    def several(params, train, target, adam_state=None):
+        return batched(params, train, target, adam_state)
+    return jax.jit(several)
+
+
 def zscore(x, axis=-1):
     x = np.asarray(x, np.float64)
     mu = x.mean(axis=axis, keepdims=True)
@@ -484,37 +521,50 @@ class Labels:
         return cls(**{f.name: a[f.name] for f in dataclasses.fields(cls)})
 
 
+# What a round costs, not what it computes: labels of configs differing only here match.
+COST_FIELDS = ("remat", "micro_batch", "target_micro_batch", "segments", "rounds_per_device",
+               "auto_plan", "memory_budget", "max_rounds_per_device")
+
+
 def _same_labels(config: dict) -> dict:
-    """The settings that decide the labels: the remat plan changes only their cost."""
-    return {k: v for k, v in config.items() if k != "remat"}
+    """The settings that decide the labels (the remat plan and the micro-batches change
+    only their cost, and the float rounding of the gradient sums)."""
+    return {k: v for k, v in config.items() if k not in COST_FIELDS}
 
 
 @lru_cache(maxsize=8)
 def _sharded_round_fn(model_cfg, oc, devices):
-    """One round per device: params replicated, the round axis split over `devices`.
-    Cached, so labeling twice in one process compiles once."""
+    """`oc.rounds_per_device` rounds per device: params replicated, the round axis split
+    over `devices`. Cached, so labeling twice in one process compiles once."""
     mesh = Mesh(np.array(devices), ("r",))
-    round_fn = make_round_fn(model_cfg, oc)
-
-    def per_device(params, train, target, adam_state):
-        tau, phi = round_fn(params, train[0], target[0], adam_state)
-        return tau[None], phi[None]
-
-    return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("r"), P("r"), P()),
+    rounds_fn = make_rounds_fn(model_cfg, oc)
+    return jax.jit(jax.shard_map(rounds_fn, mesh=mesh, in_specs=(P(), P("r"), P("r"), P()),
                                  out_specs=(P("r"), P("r")), check_vma=False))
 
 
+def _planner_for(model_cfg, oc, target_rows, n_rounds, n_devices):
+    from mgd.pipeline.planner import Planner
+    return Planner.for_device(model_cfg, oc, target_rows, n_rounds, n_devices)
+
+
 def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_dir,
-          progress=True, devices=None, adam_state=None) -> Labels:
+          progress=True, devices=None, adam_state=None, processes=None) -> Labels:
     """Label corpus rows with metagradient scores; persisted under `run_dir/oracle/`.
 
     `adam_state`: the base run's Adam (mu, nu, count) (`train.adam_moments`); needed
     when `oracle_cfg.warm_start`, ignored otherwise.
 
-    Finished rounds are saved to `run_dir/oracle_partial.npz` as they complete,
-    so a killed run resumes where it stopped.
+    `processes` (`distributed.Processes`, default: JAX's): process i labels rounds i,
+    i + P, ... on its local devices and saves them to its shard (`label_shards`) as they
+    complete, so a killed run resumes where it stopped; process 0 merges the shards once
+    every process is done, and every process returns the labels.
+
+    With `oracle_cfg.auto_plan` the memory planner (`planner.py`) chooses the round
+    program for the device; an out-of-memory error moves to a smaller one either way.
     """
+    from mgd.pipeline import distributed, label_shards
     oc = oracle_cfg
+    processes = processes or distributed.current()
     st = artifacts.stage(run_dir, "oracle")
     if st.done:
         saved = artifacts.read_json(st.path / "config.json")
@@ -527,27 +577,60 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
     adam_state = adam_state if oc.warm_start else None
     tokens, targets = np.asarray(corpus.tokens), np.asarray(corpus.target_tokens)
     round_indices, round_targets = plan_rounds(len(tokens), oc, len(targets))
+    key = label_shards.digest(round_indices, round_targets)
 
+    finished = label_shards.load_finished(run_dir, key, round_indices)
+    mine = label_shards.load_shard(run_dir, processes.index, key)
+    todo = [r for r in processes.rounds(oc.rounds) if r not in finished]
     devices = tuple(devices or jax.local_devices())
+    n_dev = len(devices)
+    run_oc, planner = oc, None
+    if todo and oc.auto_plan:
+        planner = _planner_for(model_cfg, oc, round_targets.shape[1], len(todo), n_dev)
+        run_oc = planner.plan()
+    if todo:
+        log.info(f"oracle: process {processes.index} of {processes.count} labels {len(todo)} "
+                 f"rounds on {n_dev} devices, {run_oc.rounds_per_device} per device at once "
+                 f"({len(finished)} of {oc.rounds} already done)")
+        run_oc, planner = _label_rounds(
+            params, tokens, targets, round_indices, round_targets, model_cfg, oc, run_oc,
+            planner, devices, adam_state, todo, mine,
+            lambda: label_shards.save_shard(run_dir, processes.index, key, mine), progress)
+    processes.barrier("oracle rounds labeled")
+    if processes.is_first:
+        finished = label_shards.load_finished(run_dir, key, round_indices)
+        missing = [r for r in range(oc.rounds) if r not in finished]
+        if missing:
+            raise RuntimeError(f"oracle: {len(missing)} rounds have no saved result (first "
+                               f"{missing[:5]}); run the same command again to label them")
+        plan_meta = planner.metadata() if planner is not None else None
+        _merge(run_dir, st, oc, round_indices, round_targets, finished,
+               {"devices": n_dev * processes.count, "processes": processes.count,
+                "devices_per_process": n_dev, "round_program": _program(run_oc),
+                "plan": plan_meta})
+        label_shards.clear(run_dir)
+    processes.barrier("oracle labels merged")
+    return Labels.load(run_dir)
+
+
+def _program(oc: OracleConfig) -> dict:
+    """The round program `oc` runs (what the planner chose, or the configured one)."""
+    return {"remat": dataclasses.asdict(oc.remat), "micro_batch": oc.micro_batch,
+            "target_micro_batch": oc.target_micro_batch, "segments": oc.segments,
+            "rounds_per_device": oc.rounds_per_device}
+
+
+def _label_rounds(params, tokens, targets, round_indices, round_targets, model_cfg, oc, run_oc,
+                  planner, devices, adam_state, todo, mine, save, progress):
+    """Run the rounds `todo` in groups of (devices x rounds per device), adding each to
+    `mine` and calling `save()` after each group; (the program that ran, the planner)."""
+    from mgd.pipeline import label_shards
+    from mgd.pipeline.planner import is_out_of_memory
     mesh = Mesh(np.array(devices), ("r",))
-    fn = _sharded_round_fn(model_cfg, oc, devices)
     replicated = NamedSharding(mesh, P())
     split = NamedSharding(mesh, P("r"))
     params = jax.device_put(params, replicated)
     adam_state = jax.device_put(adam_state, replicated)
-
-    partial_path = Path(run_dir) / "oracle_partial.npz"
-    tau = np.full(round_indices.shape, np.nan)
-    phi = np.full(len(round_indices), np.nan)
-    phi0 = np.full(len(round_indices), np.nan)
-    done = 0
-    if partial_path.exists():
-        saved = artifacts.load_arrays(partial_path)
-        if np.array_equal(saved["round_indices"], round_indices):
-            done = int(saved["done"])
-            tau[:done], phi[:done] = saved["round_tau"][:done], saved["round_phi"][:done]
-            if "round_phi0" in saved:
-                phi0[:done] = saved["round_phi0"][:done]
     # Phi before the inner steps, per round: with Phi after them, it says whether the
     # inner steps on a round's (mixed) rows lowered or raised the target loss, a first
     # check on inner_lr (the summary's phi_rose_fraction; the run report shows it).
@@ -556,35 +639,50 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=oc.rounds, initial=done, desc="oracle rounds", dynamic_ncols=True)
-    n_dev = len(devices)
-    while done < oc.rounds:
-        ids = np.arange(done, done + n_dev)
-        ids = np.minimum(ids, oc.rounds - 1)  # pad the last group by repeating a round
+        bar = tqdm(total=len(todo), desc="oracle rounds", dynamic_ncols=True)
+    n_dev, pos = len(devices), 0
+    while pos < len(todo):
+        group = n_dev * run_oc.rounds_per_device
+        ids = np.array(todo[pos:pos + group])
+        n_new = len(ids)
+        ids = np.concatenate([ids, np.full(group - n_new, ids[-1])])  # pad by repeating a round
         t0 = time.perf_counter()
-        with nvtx_range("metagradient_round"):  # np.asarray waits for the round
-            out_tau, out_phi = fn(params, jax.device_put(tokens[round_indices[ids]], split),
-                                  jax.device_put(targets[round_targets[ids]], split),
-                                  adam_state)
-            out_tau, out_phi = np.asarray(out_tau), np.asarray(out_phi)
+        try:
+            with nvtx_range("metagradient_round"):  # np.asarray waits for the round
+                fn = _sharded_round_fn(model_cfg, run_oc, devices)
+                out_tau, out_phi = fn(params, jax.device_put(tokens[round_indices[ids]], split),
+                                      jax.device_put(targets[round_targets[ids]], split),
+                                      adam_state)
+                out_tau, out_phi = np.asarray(out_tau), np.asarray(out_phi)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            if planner is None:
+                planner = _planner_for(model_cfg, oc, round_targets.shape[1], len(todo), n_dev)
+            run_oc = planner.fallback(run_oc)
+            continue
         if not np.all(np.isfinite(out_tau)):
             raise FloatingPointError(f"non-finite metagradient in rounds {ids.tolist()}; "
                                      "lower inner_lr or raise eps_root")
-        n_new = min(n_dev, oc.rounds - done)
-        tau[done:done + n_new], phi[done:done + n_new] = out_tau[:n_new], out_phi[:n_new]
-        for r in range(done, done + n_new):
-            phi0[r] = float(phi0_fn(params, targets[round_targets[r]]))
-        done += n_new
-        artifacts.atomic_save_arrays(partial_path, round_indices=round_indices,
-                                     round_tau=tau, round_phi=phi, round_phi0=phi0,
-                                     done=np.int64(done))
+        for j, r in enumerate(ids[:n_new]):
+            phi0 = float(phi0_fn(params, targets[round_targets[r]]))
+            mine[int(r)] = label_shards.Round(out_tau[j].astype(np.float64), float(out_phi[j]), phi0)
+        save()
+        pos += n_new
         if bar is not None:
             bar.update(n_new)
             bar.set_postfix(phi=f"{out_phi[:n_new].mean():.4f}",
                             s_per_round=f"{(time.perf_counter() - t0) / n_new:.2f}")
     if bar is not None:
         bar.close()
+    return run_oc, planner
 
+
+def _merge(run_dir, st, oc, round_indices, round_targets, finished, meta):
+    """Aggregate every round's tau into the labels; write the oracle stage."""
+    tau = np.stack([finished[r].tau for r in range(oc.rounds)])
+    phi = np.array([finished[r].phi for r in range(oc.rounds)])
+    phi0 = np.array([finished[r].phi0 for r in range(oc.rounds)])
     indices, scores, counts = aggregate(round_indices, tau)
     labels = Labels(indices=indices, scores=scores, counts=counts,
                     round_ids=np.arange(oc.rounds), round_indices=round_indices,
@@ -598,9 +696,7 @@ def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_di
         artifacts.atomic_write_json(tmp / "config.json", dataclasses.asdict(oc))
         artifacts.atomic_write_json(tmp / "summary.json", {
             "rounds": oc.rounds, "labeled_rows": int(len(indices)),
-            "mean_rounds_per_row": float(counts.mean()), "devices": n_dev,
+            "mean_rounds_per_row": float(counts.mean()), **meta,
             "phi_mean": float(np.mean(phi)), "phi0_mean": float(np.nanmean(phi0)),
             "phi_rose_fraction": None if math.isnan(rose) else rose,
             "label_reliability": None if math.isnan(reliability) else reliability})
-    partial_path.unlink(missing_ok=True)
-    return labels

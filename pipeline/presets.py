@@ -81,8 +81,9 @@ def demo() -> RunConfig:
                                ckpt_every=500),
         # inner_lr 0.3x the base run's final lr (1e-3 x 0.1): at 3x it the labels come
         # out inverted (see docs/results.md).
+        # The memory planner picks the round program for the GPU's memory (docs/planner.md).
         oracle=OracleConfig(k=256, inner_steps=8, inner_lr=3e-5, rounds=256, target_batch=128,
-                            pool_size=8192),
+                            pool_size=8192, auto_plan=True),
         # The whole-model gradient alignment column is on at this scale only: it trained
         # better here and worse at smaller scales (see docs/results.md).
         scorer=ScorerConfig(mlp_hidden=256, holdout_fraction=0.2, gradient_alignment=True,
@@ -118,10 +119,10 @@ def full() -> RunConfig:
         base_train=TrainConfig(steps=20_000, batch_size=256, lr=6e-4, warmup=1000, eval_every=0,
                                ckpt_every=1000),
         # 0.3x the base run's final lr (6e-4 x 0.1), as for the demo.
-        # Micro-batches of 128 rows recomputed in the reverse pass: the plan that bounds memory
-        # at k=1024 (the lean plan would keep every micro-batch's activations).
+        # The memory planner picks the round program for the GPU's memory; where no limit is
+        # known, micro-batches of 128 rows recomputed in the reverse pass bound it at k=1024.
         oracle=OracleConfig(k=1024, inner_steps=16, inner_lr=2e-5, rounds=4096, target_batch=512,
-                            pool_size=200_000, micro_batch=128, remat="frugal"),
+                            pool_size=200_000, micro_batch=128, remat="frugal", auto_plan=True),
         scorer=ScorerConfig(mlp_hidden=512, holdout_fraction=0.1, gradient_alignment=False),
         selection=SelectionConfig(methods=METHODS),
         baselines=BaselinesConfig(

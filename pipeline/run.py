@@ -179,9 +179,16 @@ def _enable_compilation_cache() -> None:
 # ---------------------------------------------------------------------------------------
 
 def run(cfg: RunConfig | str = "smoke", out=None, *, progress: bool = True, yes: bool = False,
-        env=None) -> RunResult:
+        env=None, processes=None) -> RunResult | None:
     """Run (or resume) the experiment `cfg` (a RunConfig or a preset's name) in `out`
-    (default runs/<name>)."""
+    (default runs/<name>).
+
+    With several processes (`processes`, `distributed.Processes`; default JAX's), process
+    0 builds the stages before the oracle while the others wait and then read them, every
+    process labels its share of the rounds, and process 0 runs the rest; the others
+    return None once the labels are merged."""
+    from mgd.pipeline import distributed
+    processes = processes or distributed.current()
     cfg = presets.get(cfg) if isinstance(cfg, str) else cfg
     cfg = prepare(cfg, env)
     check_environment(cfg, yes=yes)
@@ -195,28 +202,41 @@ def run(cfg: RunConfig | str = "smoke", out=None, *, progress: bool = True, yes:
               else f"{sel.budget_tokens} tokens")
     log.info(f"run folder {run_dir} (preset {cfg.name}, budget {budget}, {cfg.seeds} seeds)")
 
-    from mgd.pipeline.model import GPTConfig
-    from mgd.pipeline.selection import budget_rows
-    corpus = corpus_stage(run_dir, cfg)
-    pin_plan(run_dir, plan)
-    n, width = corpus.tokens.shape
-    seq_len = width - 1
-    try:
-        k = budget_rows(n, seq_len, fraction=sel.budget_fraction, tokens=sel.budget_tokens)
-    except ValueError as err:
-        raise UsageError(f"selection budget: {err}") from None
-    log.info(f"corpus: {n} sequences of {seq_len} tokens; budget = {k} sequences "
-             f"({k * seq_len} tokens)")
-    model_cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=seq_len,
-                          **dataclasses.asdict(cfg.model))
+    def before_oracle():
+        from mgd.pipeline.model import GPTConfig
+        from mgd.pipeline.selection import budget_rows
+        corpus = corpus_stage(run_dir, cfg)
+        pin_plan(run_dir, plan)
+        n, width = corpus.tokens.shape
+        seq_len = width - 1
+        try:
+            k = budget_rows(n, seq_len, fraction=sel.budget_fraction, tokens=sel.budget_tokens)
+        except ValueError as err:
+            raise UsageError(f"selection budget: {err}") from None
+        log.info(f"corpus: {n} sequences of {seq_len} tokens; budget = {k} sequences "
+                 f"({k * seq_len} tokens)")
+        model_cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=seq_len,
+                              **dataclasses.asdict(cfg.model))
 
-    base, base_eval, adam = base_stage(run_dir, cfg, corpus, model_cfg, progress)
-    corpus, target_info = target_stage(run_dir, cfg, corpus)
-    if target_info is not None:
-        from mgd.pipeline.train import eval_loss
-        base_eval = eval_loss(base, corpus.eval_tokens, model_cfg, cfg.loss_batch)
-        log.info(f"base: eval loss on the target's held-out documents {base_eval:.4f}")
+        base, base_eval, adam = base_stage(run_dir, cfg, corpus, model_cfg, progress)
+        corpus, target_info = target_stage(run_dir, cfg, corpus)
+        if target_info is not None:
+            from mgd.pipeline.train import eval_loss
+            base_eval = eval_loss(base, corpus.eval_tokens, model_cfg, cfg.loss_batch)
+            log.info(f"base: eval loss on the target's held-out documents {base_eval:.4f}")
+        return corpus, k, model_cfg, base, base_eval, adam, target_info
+
+    # Process 0 builds these stages; the others then read them from the run folder.
+    if not processes.is_first:
+        processes.barrier("stages before the oracle")
+    corpus, k, model_cfg, base, base_eval, adam, target_info = before_oracle()
+    if processes.is_first:
+        processes.barrier("stages before the oracle")
     labels = oracle_stage(run_dir, cfg, corpus, model_cfg, base, adam, progress)
+    if not processes.is_first:
+        log.info(f"process {processes.index}: its rounds are labeled and merged; features, "
+                 "scorer, selection, continued pretraining and the report run on process 0")
+        return None
     feats = features_stage(run_dir, cfg, corpus, model_cfg, base, adam, progress)
     scored = scorer_stage(run_dir, cfg, feats, labels)
     state = RunState(run_dir=run_dir, cfg=cfg, corpus=corpus, model_cfg=model_cfg, base=base,

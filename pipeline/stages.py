@@ -224,6 +224,8 @@ def oracle_stage(run_dir: Path, cfg: RunConfig, corpus, model_cfg, base, adam, p
     log.info("oracle: " + ("done, skipped" if (run_dir / "oracle" / "DONE").exists() else "labeling"))
     labels = label(base, corpus, model_cfg, cfg.oracle, run_dir, progress=progress, adam_state=adam)
     summary = artifacts.read_json(run_dir / "oracle" / "summary.json")
+    if summary.get("round_program"):
+        log.info(f"oracle: round program {summary['round_program']}")
     log.info(f"oracle: {len(labels.indices)} rows labeled; target loss over the inner steps "
              f"{summary.get('phi0_mean', float('nan')):.4f} -> {summary['phi_mean']:.4f} "
              f"(rose in {summary.get('phi_rose_fraction') or 0:.0%} of rounds); label reliability "

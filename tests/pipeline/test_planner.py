@@ -1,0 +1,156 @@
+"""The memory planner: the fastest round program that fits, its fallback on out of memory,
+and labels that do not depend on the program."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from mgd.pipeline import model, oracle, planner
+
+CFG = model.GPTConfig(vocab_size=37, seq_len=8, n_layer=1, n_head=2, d_model=16,
+                      attention_impl="xla", compute_dtype="float32")
+# Labels compared across programs in float64: they then agree to 1e-9, not float32's 1e-4.
+CFG64 = model.GPTConfig(vocab_size=37, seq_len=8, n_layer=1, n_head=2, d_model=16,
+                        attention_impl="xla", compute_dtype="float64", param_dtype="float64")
+
+
+@pytest.mark.parametrize("text,want", [("16GB", 16 * 10**9), ("16 GiB", 16 * 2**30),
+                                       ("1.5e9", 1_500_000_000), ("800MB", 8 * 10**8),
+                                       (2e9, 2_000_000_000), ("0.5gb", 5 * 10**8)])
+def test_parse_bytes(text, want):
+    assert planner.parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("bad", ["16 GX", "lots", "-1GB", "0", ""])
+def test_parse_bytes_refuses(bad):
+    with pytest.raises(ValueError):
+        planner.parse_bytes(bad)
+    with pytest.raises(ValueError, match="memory_budget"):
+        oracle.OracleConfig(memory_budget=bad)
+
+
+def _brute_force(ranked, estimates, limit):
+    """The cheapest candidate whose estimate is within `limit`, by looking at all."""
+    fitting = [c for c in ranked if estimates[c.name] <= limit]
+    return min(fitting, key=lambda c: c.cost) if fitting else None
+
+
+@pytest.mark.slow
+def test_planner_picks_the_cheapest_program_that_fits_with_xla_estimates():
+    """Every candidate compiled on this CPU (XLA's real estimates); for budgets between
+    them, the planner (which compiles only some, in cost order, and skips those it knows
+    need more) picks what a look at all of them picks."""
+    oc = oracle.OracleConfig(k=2, inner_steps=4, rounds=3, target_batch=2,
+                             max_rounds_per_device=1, warm_start=False)
+    ranked = planner.candidates(CFG, oc, target_rows=2, rounds_to_label=3)
+    assert [c.cost for c in ranked] == sorted(c.cost for c in ranked)
+    assert {c.family for c in ranked} == set(planner.FAMILIES)
+    estimates = {c.name: planner.estimate_bytes(CFG, c.apply(oc, 2), 2)["bytes"] for c in ranked}
+    # The plans differ in memory, and the cheapest plan needs the most of the ones compared.
+    assert len(set(estimates.values())) >= 3
+    assert estimates[ranked[0].name] > min(estimates.values())
+    by_program = {c.apply(oc, 2): estimates[c.name] for c in ranked}
+    levels = sorted(set(estimates.values()))
+    for budget in [levels[-1] / (1 - planner.MARGIN)] + [
+            (a + b) / 2 / (1 - planner.MARGIN) for a, b in zip(levels, levels[1:])]:
+        p = planner.Planner(CFG, oc, 2, 3, budget=int(budget), budget_source="test",
+                            estimate=lambda o: by_program[o])
+        chosen_oc = p.plan()
+        want = _brute_force(ranked, estimates, int(budget) * (1 - planner.MARGIN))
+        assert p.chosen.name == want.name, (budget, p.tried)
+        assert chosen_oc == want.apply(oc, 2)
+        assert p.metadata()["chosen"]["name"] == want.name
+    # Below the smallest estimate nothing fits: one clear error.
+    p = planner.Planner(CFG, oc, 2, 3, budget=int(levels[0] * 0.9), budget_source="test",
+                        estimate=lambda o: by_program[o])
+    with pytest.raises(planner.PlanError, match="no round program fits"):
+        p.plan()
+
+
+def _fake_estimate(oc):
+    """Bytes that shrink down the families and micro-batches and grow with rounds."""
+    family = [name for name, plan in planner.FAMILIES.items() if plan == oc.remat][0]
+    base = {"keep_all": 100, "lean": 80, "lean+segments": 70, "lean+micro": 60, "frugal": 50}
+    return (base[family] + (oc.micro_batch or oc.k)) * oc.rounds_per_device
+
+
+def _corpus(seed=0):
+    rng = np.random.default_rng(seed)
+    return types.SimpleNamespace(tokens=rng.integers(0, 37, (16, 9)).astype(np.int32),
+                                 target_tokens=rng.integers(0, 37, (6, 9)).astype(np.int32))
+
+
+def test_planned_labels_equal_unplanned_and_out_of_memory_falls_back(tmp_path, monkeypatch):
+    """The planner's program (2 rounds per device at once) runs out of memory (simulated);
+    labeling moves to the cheapest program estimated below it and finishes; the labels
+    equal the unplanned rounds'."""
+    corpus = _corpus()
+    params = model.init_params(CFG64, jax.random.key(1))
+    oc = oracle.OracleConfig(k=4, inner_steps=2, inner_lr=1e-2, rounds=4, target_batch=4,
+                             warm_start=False, auto_plan=True, memory_budget="240B",
+                             max_rounds_per_device=2)
+    monkeypatch.setattr(oracle, "_planner_for", lambda m, o, t, n, d: planner.Planner(
+        m, o, t, n, d, budget=240, budget_source="test", estimate=_fake_estimate))
+    real = oracle._sharded_round_fn
+    failed = []
+
+    def sharded(model_cfg, run_oc, devices):
+        if run_oc.remat == oracle.PLANS["keep_all"] and run_oc.rounds_per_device == 2:
+            def oom(*args):
+                failed.append(run_oc)
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+            return oom
+        return real(model_cfg, run_oc, devices)
+
+    monkeypatch.setattr(oracle, "_sharded_round_fn", sharded)
+    labels = oracle.label(params, corpus, CFG64, oc, tmp_path, progress=False)
+    assert len(failed) == 1
+    summary = json.loads((tmp_path / "oracle" / "summary.json").read_text())
+    plan = summary["plan"]
+    ranked = planner.candidates(CFG64, oc, target_rows=4, rounds_to_label=4)
+    estimates = {c.name: _fake_estimate(c.apply(oc, 4)) for c in ranked}
+    first = _brute_force(ranked, estimates, 240 * (1 - planner.MARGIN))
+    assert (first.family, first.rounds_per_device) == ("keep_all", 2)
+    # The fallback: the cheapest other program estimated below the failed one, less the margin.
+    rest = [c for c in ranked if c.name != first.name]
+    want = _brute_force(rest, estimates, estimates[first.name] * (1 - planner.MARGIN))
+    assert plan["chosen"]["name"] == want.name and want.family != "keep_all"
+    assert summary["round_program"]["rounds_per_device"] == want.rounds_per_device
+    assert summary["round_program"]["remat"] == dataclasses.asdict(want.remat)
+    assert summary["round_program"]["micro_batch"] == want.micro_batch
+    fn = oracle.make_round_fn(CFG64, oracle.OracleConfig(k=4, inner_steps=2, inner_lr=1e-2,
+                                                       rounds=4, target_batch=4, warm_start=False))
+    for r in range(4):
+        tau, phi = fn(params, corpus.tokens[labels.round_indices[r]],
+                      corpus.target_tokens[labels.round_targets[r]])
+        np.testing.assert_allclose(labels.round_tau[r], tau, rtol=1e-9, atol=1e-12)
+        assert labels.round_phi[r] == pytest.approx(float(phi), rel=1e-12)
+
+
+def test_batched_rounds_equal_single_rounds():
+    """Several rounds per device at once (vmapped) give each round's own tau."""
+    corpus = _corpus(2)
+    params = model.init_params(CFG64, jax.random.key(2))
+    oc = oracle.OracleConfig(k=4, inner_steps=2, inner_lr=1e-2, target_batch=3, warm_start=False,
+                             rounds_per_device=3, remat="frugal", micro_batch=2)
+    rng = np.random.default_rng(0)
+    train = np.stack([corpus.tokens[rng.choice(16, 4, replace=False)] for _ in range(3)])
+    target = np.stack([corpus.target_tokens[rng.choice(6, 3, replace=False)] for _ in range(3)])
+    tau, phi = oracle.make_rounds_fn(CFG64, oc)(params, train, target)
+    single = oracle.make_round_fn(CFG64, oracle.OracleConfig(k=4, inner_steps=2, inner_lr=1e-2,
+                                                           target_batch=3, warm_start=False))
+    for b in range(3):
+        t, p = single(params, train[b], target[b])
+        np.testing.assert_allclose(tau[b], t, rtol=1e-9, atol=1e-12)
+        assert float(phi[b]) == pytest.approx(float(p), rel=1e-12)
+
+
+def test_no_budget_keeps_the_configured_program():
+    oc = oracle.OracleConfig(k=4, auto_plan=True, remat="frugal", micro_batch=2)
+    p = planner.Planner(CFG64, oc, 4, 8, budget=None)
+    assert p.plan() is oc and p.metadata()["chosen"] is None
