@@ -22,6 +22,14 @@
 #             then L=128 for each of $MGD_ORACLE_IMPLS (cuda,pallas,xla,triton; set it
 #             empty for the long run alone); cap $MGD_ORACLE_CAP_S (420) seconds
 #   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
+#   cuda      our forward and backward kernels: the forward's driver checks (written,
+#             finite, sampled rows against float64), compute-sanitizer memcheck, the
+#             float64 GPU tests of the three cuda kernels (test_cuda_forward.py,
+#             test_cuda_backward.py, test_cuda.py), then the forward and backward through
+#             JAX against Pallas and cuDNN; needs CMAKE_ARGS=-DMGD_BUILD_DRIVER=ON
+#   round     one metagradient round per shape, implementation and remat plan, side by
+#             side (bench/round_timing.py): $MGD_ROUND_SHAPES (e2e:16384 gpt2s:8192),
+#             $MGD_ROUND_IMPLS (pallas,standin,cuda), $MGD_ROUND_PLANS (lean)
 # (docs/gpu-runs.md says what each part needs and returns.)
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -211,11 +219,45 @@ part_demo() {
     && tar -czf "$OUT/demo_labels.tgz" $(ls oracle/labels.npz scorer/scores.npz cluster.npy 2>/dev/null)) || true
 }
 
+part_cuda() {
+  local drv=${MGD_BUILD_DIR:-build/device}/kernels/fwd_driver args
+  if [ -x "$drv" ]; then
+    stamp "forward driver checks"
+    for args in "1 1 1 64 1 0" "2 65 3 64 0 0" "1 200 2 128 1 0" "1 257 2 128 0 1" \
+                "1 1000 3 64 1 1" "2 4096 4 128 1 0" "1 4097 2 128 0 1"; do
+      timeout 20 "$drv" $args || echo "FAILED (exit $?): $args"
+    done > "$OUT/fwd_driver.log" 2>&1
+    capped 60 20 "forward memcheck" compute-sanitizer --tool memcheck --print-limit 10 "$drv" 1 300 2 128 1 0 \
+      > "$OUT/fwd_sanitizer.log" 2>&1
+    stamp "forward driver: $(grep -c FAILED "$OUT/fwd_driver.log") failed; memcheck: $(tail -n 1 "$OUT/fwd_sanitizer.log")"
+  else
+    stamp "no $drv: build with CMAKE_ARGS=-DMGD_BUILD_DRIVER=ON for the driver checks"
+  fi
+  MGD_TEST_LOG="$OUT/cuda_tests_progress.log" capped 150 40 "cuda kernel tests" python3 -m pytest \
+    tests/test_cuda_forward.py tests/test_cuda_backward.py tests/test_cuda.py -m gpu -q -rfEs \
+    -p no:cacheprovider --maxfail=5 > "$OUT/cuda_tests.log" 2>&1
+  stamp "cuda kernel tests: $(tail -n 1 "$OUT/cuda_tests.log")"
+  capped 70 30 "forward through JAX" python3 kernels/tools/fwd_bench.py ${MGD_CUDA_T:-4096 8192 16384} \
+    > "$OUT/fwd_jax.log" 2>&1
+  capped 70 30 "backward through JAX" python3 scripts/bwd_timing.py --lengths ${MGD_CUDA_T:-4096 8192 16384} \
+    > "$OUT/bwd_jax.log" 2>&1
+  tail -n 8 "$OUT/fwd_jax.log" "$OUT/bwd_jax.log"
+}
+
+part_round() {
+  local shapes=()
+  for s in ${MGD_ROUND_SHAPES:-e2e:16384 gpt2s:8192}; do shapes+=(--shape "$s"); done
+  capped 400 60 "metagradient rounds" python3 -m bench.round_timing "${shapes[@]}" \
+    --impls "${MGD_ROUND_IMPLS:-pallas,standin,cuda}" --plans "${MGD_ROUND_PLANS:-lean}" \
+    --repeats "${MGD_ROUND_REPEATS:-3}" --out "$OUT/round" > "$OUT/round.log" 2>&1
+  [ -f "$OUT/round/round_timing.md" ] && cat "$OUT/round/round_timing.md"
+}
+
 parts=${*:-tune tests bench e2e nvtx oracle demo}
 for part in $parts; do
   case $part in
-    tune|tests|bench|e2e|nvtx|oracle|demo) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo)"; exit 2 ;;
+    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round)"; exit 2 ;;
   esac
 done
 

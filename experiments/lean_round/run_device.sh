@@ -15,9 +15,7 @@ left() { echo $(( ${MGD_DEADLINE_S:-560} - ($(date +%s) - START) )); }
 
 rm -rf /tmp/old831 && mkdir -p /tmp/old831 && cp -r "$OLD/mgd" /tmp/old831/ &&
   for d in pipeline reference bindings; do cp -r "$OLD/$d" /tmp/old831/mgd/; done
-if [ -z "${MGD_DEVICE_SETUP_DONE:-}" ]; then
-  source scripts/device_setup.sh > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-fi
+source scripts/device_setup.sh > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 { echo "commit ${MGD_COMMIT:-unknown}; date $(date -u +%F)"; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; } > "$OUT/env.txt"
 echo "build done after $(( $(date +%s) - START )) s"
 
@@ -32,10 +30,13 @@ new() {  # SHAPE IMPL PLAN
   python3 -m bench.round_timing --shape "$1" --impls "$2" --plans "$3" --repeats "${MGD_REPEATS:-3}" \
     --child-timeout $(( $(left) - 20 )) --out "$OUT/new_${1/:/_}_$2_$3" >> "$OUT/new.log" 2>&1
 }
-for cfg in "e2e:16384 pallas" "e2e:16384 standin" "gpt2s:8192 pallas"; do
-  set -- $cfg
+# Configurations are SHAPE,IMPL words.
+for cfg in ${MGD_LEAN_CONFIGS:-e2e:16384,pallas e2e:16384,standin gpt2s:8192,pallas}; do
+  set -- ${cfg/,/ }
   legacy "$1" "$2"; new "$1" "$2" lean
   echo "$cfg done at $(( $(date +%s) - START )) s"
 done
-new e2e:16384 cuda lean; new gpt2s:8192 cuda lean; new e2e:32768 pallas lean; new e2e:32768 cuda lean
+for cfg in ${MGD_NEW_ONLY:-e2e:16384,cuda gpt2s:8192,cuda}; do set -- ${cfg/,/ }; new "$1" "$2" lean; done
 python3 experiments/lean_round/summarize.py "$OUT" | tee "$OUT/summary.md"
+# Few files come back from the device: the per-configuration folders travel as one archive.
+tar -C "$OUT" -czf /tmp/lean_round.tgz . && rm -rf "$OUT"/new_* && mv /tmp/lean_round.tgz "$OUT/lean_round.tgz"
