@@ -1,4 +1,5 @@
-"""Count what a traced program asks for: attention kernel calls by kind and dense matmul FLOPs.
+"""Count what a traced program asks for: attention kernel calls by kind, dense matmul FLOPs
+and float32 <-> bfloat16 casts.
 
 `count(closed_jaxpr)` walks a jaxpr and every sub-jaxpr it holds (pjit, custom_jvp /
 custom_vjp calls, checkpoint/remat, scan, while and cond), multiplying loop bodies by
@@ -43,12 +44,17 @@ class Counts:
     """Attention kernel calls by kind and dense matmul FLOPs (outside the kernels)."""
     attention: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     dense_flops: float = 0.0
+    # convert_element_type between float32 and bfloat16: how many, and the bytes they write
+    casts: int = 0
+    cast_bytes: float = 0.0
     unknown_loops: int = 0       # while loops whose trip count could not be found (counted once)
 
     def add(self, other: Counts, times: int = 1) -> None:
         for kind in KINDS:
             self.attention[kind] += times * other.attention[kind]
         self.dense_flops += times * other.dense_flops
+        self.casts += times * other.casts
+        self.cast_bytes += times * other.cast_bytes
         self.unknown_loops += other.unknown_loops
 
     def scaled(self, times: int) -> Counts:
@@ -62,6 +68,8 @@ class Counts:
         for kind in KINDS:
             out.attention[kind] = max(o.attention[kind] for o in options)
         out.dense_flops = max(o.dense_flops for o in options)
+        out.casts = max(o.casts for o in options)
+        out.cast_bytes = max(o.cast_bytes for o in options)
         out.unknown_loops = max(o.unknown_loops for o in options)
         return out
 
@@ -142,6 +150,13 @@ class _Walker:
             c = Counts()
             c.dense_flops = _dot_flops(eqn)
             return c, [None] * n_out
+        if name == "convert_element_type":
+            c = Counts()
+            src, dst = eqn.invars[0].aval, eqn.outvars[0].aval
+            if {np.dtype(src.dtype).name, np.dtype(dst.dtype).name} == {"float32", "bfloat16"}:
+                c.casts = 1
+                c.cast_bytes = float(np.prod(dst.shape)) * np.dtype(dst.dtype).itemsize
+            return c, _evaluate(eqn, known)
         if name == "scan":
             return self._scan(eqn, known), [None] * n_out
         if name == "while":

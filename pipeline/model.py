@@ -229,6 +229,16 @@ def map_token_chunks(fn, arrays, chunk: int):
     return out.reshape((n_chunks * chunk,) + out.shape[2:])[:m]
 
 
+# The blocks' matrices (the rest are norm scales, used in float32).
+MATRICES = ("wqkv", "wo", "w_up", "w_down")
+
+
+def _compute_blocks(blocks, cfg: GPTConfig):
+    """The stacked blocks with their matrices in compute dtype: cast once per forward, before
+    the layer scan, not on every use (each recompute and backward would cast again)."""
+    return {name: w.astype(cfg.cdtype) if name in MATRICES else w for name, w in blocks.items()}
+
+
 def forward(params, tokens, cfg: GPTConfig):
     """Final hidden states [N, T, d] (after the last norm, in compute dtype) for
     int tokens [N, T]."""
@@ -237,7 +247,7 @@ def forward(params, tokens, cfg: GPTConfig):
     def body(x, p):
         return _block(x, p, cfg), None
 
-    x, _ = jax.lax.scan(_block_remat(body, cfg), x, params["blocks"])
+    x, _ = jax.lax.scan(_block_remat(body, cfg), x, _compute_blocks(params["blocks"], cfg))
     return _rms_norm(x, params["norm_f"], cfg.cdtype)
 
 
@@ -246,8 +256,9 @@ def forward_with_last_layer(params, tokens, cfg: GPTConfig):
     before the final norm [N, T, d], the last block's MLP activation [N, T, ff]): what
     the last layer's gradients need besides the output layer (scorer.last_layer_alignment)."""
     x = _embed(params, tokens, cfg)
-    first = jax.tree_util.tree_map(lambda a: a[:-1], params["blocks"])
-    last = jax.tree_util.tree_map(lambda a: a[-1], params["blocks"])
+    blocks = _compute_blocks(params["blocks"], cfg)
+    first = jax.tree_util.tree_map(lambda a: a[:-1], blocks)
+    last = jax.tree_util.tree_map(lambda a: a[-1], blocks)
     x, _ = jax.lax.scan(lambda x, p: (_block(x, p, cfg), None), x, first)
     x, up = _block_with_mlp_activation(x, last, cfg)
     return _rms_norm(x, params["norm_f"], cfg.cdtype), x, up

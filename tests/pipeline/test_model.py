@@ -167,3 +167,82 @@ def test_standin_attention_is_not_attention(monkeypatch):
     np.testing.assert_allclose(model._attention(q, k, v, cfg), v + 1e-6 * (q + k), rtol=1e-7)
     params = model.init_params(cfg, jax.random.key(0))
     assert np.all(np.isfinite(model.per_example_loss(params, _rows(2, cfg), cfg)))
+
+
+def _reference_bf16_losses(params, seqs, cfg):
+    """Independent reference: layer by layer in Python, each weight cast to the compute dtype
+    where it is used, full [N, L, V] logits."""
+    c, acc = cfg.cdtype, jnp.float32
+
+    def norm(x, s):
+        x = x.astype(acc)
+        return (x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * s).astype(c)
+
+    def mm(x, w):
+        return jnp.einsum("...i,io->...o", x.astype(c), w.astype(c), preferred_element_type=acc)
+
+    tokens = seqs[:, :-1]
+    b, t = tokens.shape
+    x = params["embed"][tokens].astype(acc)
+    blocks = params["blocks"]
+    for i in range(cfg.n_layer):
+        h = norm(x, blocks["norm1"][i])
+        qkv = mm(h, blocks["wqkv"][i]).astype(c).reshape(b, t, 3, cfg.n_head, cfg.head_dim)
+        q, k = (model._rotary(qkv[:, :, j], cfg.rope_base) for j in (0, 1))
+        o = mgd.attention(q, k, qkv[:, :, 2], causal=True, impl="xla")
+        x = x + mm(o.reshape(b, t, -1), blocks["wo"][i])
+        up = jax.nn.gelu(mm(norm(x, blocks["norm2"][i]), blocks["w_up"][i]).astype(c))
+        x = x + mm(up, blocks["w_down"][i])
+    h = norm(x, params["norm_f"])
+    logits = jnp.einsum("ntd,vd->ntv", h, params["embed"].astype(c), preferred_element_type=acc)
+    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, seqs[:, 1:, None], -1)[..., 0]
+    return nll.mean(axis=1)
+
+
+def _converts(jaxpr, out):
+    """Output shapes of every float32 -> bfloat16 convert in a jaxpr and its sub-jaxprs."""
+    for eqn in jaxpr.eqns:
+        if (eqn.primitive.name == "convert_element_type" and eqn.invars[0].aval.dtype == jnp.float32
+                and eqn.outvars[0].aval.dtype == jnp.bfloat16):
+            out.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+                    _converts(item.jaxpr, out)
+                elif hasattr(item, "eqns"):
+                    _converts(item, out)
+    return out
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bf16_weights_cast_once_per_forward_same_loss_and_gradient(remat):
+    """In bf16 the blocks' matrices are cast once, before the layer scan (no per-layer
+    weight cast inside it, recomputed or not), and the loss and gradient are those of
+    casting each weight where it is used."""
+    cfg = model.GPTConfig(vocab_size=61, seq_len=16, n_layer=2, n_head=2, d_model=32,
+                          attention_impl="xla", remat_blocks=remat, loss_chunk=20)
+    params = _perturbed(model.init_params(cfg, jax.random.key(4)), scale=0.05)
+    seqs = _rows(3, cfg, seed=5)
+    w = jnp.asarray([0.5, 1.0, -2.0])
+
+    def loss(p):
+        return jnp.sum(w * model.per_example_loss(p, seqs, cfg))
+
+    per_layer = {params["blocks"][n].shape[1:] for n in model.MATRICES}
+    stacked = {params["blocks"][n].shape for n in model.MATRICES}
+    shapes = _converts(jax.make_jaxpr(loss)(params).jaxpr, [])
+    assert not per_layer & set(shapes) and stacked <= set(shapes), shapes
+    # In the gradient, a per-layer matrix-shaped cast is only the matmul transpose's rounding
+    # of each weight's gradient to the weight's dtype: one per matrix, rematerialized or not.
+    shapes = _converts(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, [])
+    assert sorted(s for s in shapes if s in per_layer) == sorted(per_layer), shapes
+
+    got, g = jax.jit(jax.value_and_grad(lambda p: (loss(p), model.per_example_loss(p, seqs, cfg)),
+                                        has_aux=True))(params)
+    ref, g_ref = jax.jit(jax.value_and_grad(
+        lambda p: (jnp.sum(w * _reference_bf16_losses(p, seqs, cfg)),
+                   _reference_bf16_losses(p, seqs, cfg)), has_aux=True))(params)
+    np.testing.assert_allclose(got[1], ref[1], rtol=2e-3)
+    for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+        assert a.dtype == jnp.float32
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * float(jnp.abs(b).max()))
