@@ -39,4 +39,4 @@ done
 for cfg in ${MGD_NEW_ONLY:-e2e:16384,cuda gpt2s:8192,cuda}; do set -- ${cfg/,/ }; new "$1" "$2" lean; done
 python3 experiments/lean_round/summarize.py "$OUT" | tee "$OUT/summary.md"
 # Few files come back from the device: the per-configuration folders travel as one archive.
-tar -C "$OUT" -czf /tmp/lean_round.tgz . && rm -rf "$OUT"/new_* && mv /tmp/lean_round.tgz "$OUT/lean_round.tgz"
+tar -C "$OUT" -czf /tmp/lean_round.tgz . && rm -rf "$OUT"/new_* "$OUT"/*.log && mv /tmp/lean_round.tgz "$OUT/lean_round.tgz"
