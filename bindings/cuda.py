@@ -205,7 +205,8 @@ def kernel_forward(q, k, v, *, causal, scale):
 
 def forward(q, k, v, *, causal, scale):
     """(o, lse): our kernel where it serves (see forward_kernel_reason), else the delegate."""
-    if forward_kernel_reason(q, k, v, causal=causal) is None:
+    # The kernel folds scale * log2(e) into one exponent and takes positive scales only.
+    if forward_kernel_reason(q, k, v, causal=causal) is None and float(scale) > 0:
         return kernel_forward(q, k, v, causal=causal, scale=scale)
     return _delegate_for(q, k, v, causal).forward(q, k, v, causal=causal, scale=scale)
 

@@ -11,15 +11,13 @@
 #include <cuda_runtime_api.h>
 
 #include "attention_dbwd.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error invalid(const std::string& what) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "mgd_attention_double_backward: " + what);
-}
+const mgd_ffi::Checker check("mgd_attention_double_backward");
 
 ffi::Error DoubleBackward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                           ffi::AnyBuffer v, ffi::AnyBuffer o, ffi::AnyBuffer do_,
@@ -28,30 +26,18 @@ ffi::Error DoubleBackward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
                           ffi::Result<ffi::AnyBuffer> gk, ffi::Result<ffi::AnyBuffer> gv,
                           ffi::Result<ffi::AnyBuffer> gdo,
                           ffi::Result<ffi::AnyBuffer> workspace, int32_t causal, float scale) {
-  auto dims = q.dimensions();
-  if (dims.size() < 3) return invalid("q must have rank >= 3 [..., T, H, D]");
-  const int64_t n = dims.size();
-  const int64_t seq = dims[n - 3], heads = dims[n - 2], head_dim = dims[n - 1];
-  int64_t batch = 1;
-  for (int64_t i = 0; i < n - 3; ++i) batch *= dims[i];
-
-  mgd::DType dtype;
-  switch (q.element_type()) {
-    case ffi::DataType::BF16: dtype = mgd::DType::kBFloat16; break;
-    case ffi::DataType::F16: dtype = mgd::DType::kFloat16; break;
-    default: return invalid("q must be bfloat16 or float16");
-  }
-  for (const ffi::AnyBuffer* x : {&k, &v, &o, &do_, &ddq, &ddk, &ddv}) {
-    if (x->element_type() != q.element_type() || x->element_count() != q.element_count())
-      return invalid("k, v, o, do, ddq, ddk, ddv must match q in dtype and size");
-  }
-  if (lse.element_type() != ffi::DataType::F32 || lse.element_count() != batch * heads * seq)
-    return invalid("lse must be float32 [..., H, T]");
-  if (head_dim != 64 && head_dim != 128) return invalid("head_dim must be 64 or 128");
-  if (seq > (int64_t(1) << 30) || batch > 65535 || heads > 65535)
-    return invalid("shape too large for the launch grid");
+  mgd_ffi::Shape shape;
+  if (auto e = check.read(q, &shape); e.failure()) return e;
+  if (auto e = check.like_q(q, {&k, &v, &o, &do_, &ddq, &ddk, &ddv}, "k, v, o, do, ddq, ddk, ddv");
+      e.failure())
+    return e;
+  if (auto e = check.row_stats(shape, {&lse}, "lse"); e.failure()) return e;
+  if (shape.seq > (int64_t(1) << 30) || shape.batch > 65535 || shape.heads > 65535)
+    return check.invalid("shape too large for the launch grid");
+  const int64_t batch = shape.batch, seq = shape.seq, heads = shape.heads, head_dim = shape.head_dim;
+  const mgd::DType dtype = shape.dtype;
   const size_t need = mgd::double_backward_workspace_bytes(int(batch), int(seq), int(heads));
-  if (workspace->size_bytes() < need) return invalid("workspace too small");
+  if (workspace->size_bytes() < need) return check.invalid("workspace too small");
 
   mgd::DoubleBackwardCall call{};
   call.dtype = dtype;
@@ -76,11 +62,7 @@ ffi::Error DoubleBackward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer 
   call.gdo = gdo->untyped_data();
   call.workspace = workspace->untyped_data();
 
-  cudaError_t err = mgd::double_backward(call, stream);
-  if (err != cudaSuccess)
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("mgd_attention_double_backward: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return check.failed(mgd::double_backward(call, stream));
 }
 
 }  // namespace

@@ -11,45 +11,26 @@
 #include <cuda_runtime_api.h>
 
 #include "attention_fwd.h"
-#include "xla/ffi/api/ffi.h"
+#include "ffi_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-ffi::Error invalid(const std::string& what) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "mgd_attention_forward: " + what);
-}
+const mgd_ffi::Checker check("mgd_attention_forward");
 
 ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Result<ffi::AnyBuffer> o, ffi::Result<ffi::AnyBuffer> lse, int32_t causal,
                    float scale) {
-  auto dims = q.dimensions();
-  if (dims.size() < 3) return invalid("q must have rank >= 3 [..., T, H, D]");
-  const int64_t n = dims.size();
-  const int64_t seq = dims[n - 3], heads = dims[n - 2], head_dim = dims[n - 1];
-  int64_t batch = 1;
-  for (int64_t i = 0; i < n - 3; ++i) batch *= dims[i];
-
-  mgd::DType dtype;
-  switch (q.element_type()) {
-    case ffi::DataType::BF16: dtype = mgd::DType::kBFloat16; break;
-    case ffi::DataType::F16: dtype = mgd::DType::kFloat16; break;
-    default: return invalid("q must be bfloat16 or float16");
-  }
-  for (const ffi::AnyBuffer* x : {&k, &v}) {
-    if (x->element_type() != q.element_type() || x->element_count() != q.element_count())
-      return invalid("k and v must match q in dtype and size (self-attention)");
-  }
-  if (o->element_type() != q.element_type() || o->element_count() != q.element_count())
-    return invalid("o must match q in dtype and size");
-  if (lse->element_type() != ffi::DataType::F32 || lse->element_count() != batch * heads * seq)
-    return invalid("lse must be float32 [..., H, T]");
-  if (head_dim != 64 && head_dim != 128) return invalid("head_dim must be 64 or 128");
-  if (!(scale > 0.f)) return invalid("scale must be positive");
-  if (seq <= 0 || batch <= 0 || heads <= 0) return invalid("B, T and H must be positive");
-  if (batch * heads > 0x7fffffff || (seq + 127) / 128 > 65535)
-    return invalid("shape too large for the launch grid");
+  mgd_ffi::Shape shape;
+  if (auto e = check.read(q, &shape); e.failure()) return e;
+  if (auto e = check.like_q(q, {&k, &v, &*o}, "k, v and o"); e.failure()) return e;
+  if (auto e = check.row_stats(shape, {&*lse}, "lse"); e.failure()) return e;
+  if (!(scale > 0.f)) return check.invalid("scale must be positive");
+  if (shape.batch * shape.heads > 0x7fffffff || (shape.seq + 127) / 128 > 65535)
+    return check.invalid("shape too large for the launch grid");
+  const int64_t batch = shape.batch, seq = shape.seq, heads = shape.heads, head_dim = shape.head_dim;
+  const mgd::DType dtype = shape.dtype;
 
   mgd::ForwardCall call{};
   call.dtype = dtype;
@@ -65,11 +46,7 @@ ffi::Error Forward(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi:
   call.o = o->untyped_data();
   call.lse = static_cast<float*>(lse->untyped_data());
 
-  cudaError_t err = mgd::attention_forward(call, stream);
-  if (err != cudaSuccess)
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("mgd_attention_forward: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
+  return check.failed(mgd::attention_forward(call, stream));
 }
 
 }  // namespace
