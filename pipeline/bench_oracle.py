@@ -174,7 +174,7 @@ def main(argv=None):
     ap.add_argument("--repeats-long", type=int, default=1)
     ap.add_argument("--child-timeout", type=int, default=420)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
-    # frugal: the plan the 16 GB bar of pipeline/MEMORY.md is measured with.
+    # frugal: the plan the 16 GB bar of docs/memory.md is measured with.
     ap.add_argument("--plan", choices=("lean", "frugal"), default="frugal",
                     help="the round's remat plan (oracle.PLANS)")
     ap.add_argument("--estimate", action="store_true",

@@ -17,7 +17,7 @@ Making this fit in memory:
     checkpointed in two levels (`segments` segments of ceil(T/segments) steps),
     so it keeps about 2 sqrt(T) - 2 optimizer states instead of T. Written out
     rather than as nested `jax.checkpoint`ed scans, it stores no state twice
-    (measurements: pipeline/MEMORY.md).
+    (measurements: docs/memory.md).
   * Each step's gradient over the k rows is accumulated over micro-batches of
     `micro_batch` rows, each one rematerialized, so activations for only one
     micro-batch are live at a time (and the accumulator, being linear, needs no
@@ -107,7 +107,7 @@ PLANS = {
     # Recompute nothing at all: fastest where every block activation of the reverse
     # step fits (about twice the lean plan's temporaries, growing with k x L).
     "keep_all": RematPlan(block="none"),
-    # Least memory (the schedule pipeline/MEMORY.md measured): every level rematerialized.
+    # Least memory (the schedule docs/memory.md measured): every level rematerialized.
     "frugal": RematPlan(block="full", micro_batch=True, segments=True, fuse_last_step=False),
 }
 
