@@ -177,18 +177,23 @@ def delegated_stages():
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
-def forward_kernel_reason(q, k, v, *, causal):
-    """None if our forward kernel serves these inputs here (and is not switched off),
-    else why the forward goes to the delegate."""
-    if "forward" in delegated_stages():
-        return f"{DELEGATE_ENV} names forward"
+def _kernel_reason(stage, symbol, q, k, v, causal):
+    """None if our kernel for `stage` serves these inputs here (the library exports
+    `symbol` and MGD_CUDA_DELEGATE does not name the stage), else why the delegate runs it."""
+    if stage in delegated_stages():
+        return f"{DELEGATE_ENV} names {stage}"
     reason = unavailable_reason(q, k, v, causal=causal)
     if reason is not None:
         return reason
     lib, _ = _load()
-    if not hasattr(lib, "MgdAttentionForward"):
-        return "the CUDA library was built without the forward kernel"
+    if not hasattr(lib, symbol):
+        return f"the CUDA library was built without the {stage} kernel"
     return None
+
+
+def forward_kernel_reason(q, k, v, *, causal):
+    """None if our forward kernel serves these inputs here, else why the delegate runs it."""
+    return _kernel_reason("forward", "MgdAttentionForward", q, k, v, causal)
 
 
 def kernel_forward(q, k, v, *, causal, scale):
@@ -217,17 +222,8 @@ def deterministic_default():
 
 
 def backward_kernel_reason(q, k, v, *, causal):
-    """None if our backward kernel serves these inputs here (and is not switched off),
-    else why the backward goes to the delegate."""
-    if "backward" in delegated_stages():
-        return f"{DELEGATE_ENV} names backward"
-    reason = unavailable_reason(q, k, v, causal=causal)
-    if reason is not None:
-        return reason
-    lib, _ = _load()
-    if not hasattr(lib, "MgdAttentionBackward"):
-        return "the CUDA library was built without the backward kernel"
-    return None
+    """None if our backward kernel serves these inputs here, else why the delegate runs it."""
+    return _kernel_reason("backward", "MgdAttentionBackward", q, k, v, causal)
 
 
 def kernel_backward(q, k, v, o, lse, do, *, causal, scale, dlse=None, deterministic=None):
