@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 __all__ = ["Rate", "RATES", "plan_lines", "rate_for"]
 
-_DEMO = "bench/results/h200/demo/demo.log (2026-11-29, commit 1352ab4, one H200)"
-_ORACLE = "bench/results/h200/oracle (2026-11-29, one H200)"
+_DEMO = "the demo run in docs/results.md (its log; 2026-11-29, commit 1352ab4, one H200)"
+_ORACLE = "the GPT-2-small rounds in docs/results.md (2026-11-29, one H200)"
 _MODEL = ("model", "corpus.seq_len", "corpus.vocab_size")
 _LABELS = ("oracle.k", "oracle.inner_steps", "oracle.target_batch")
 
