@@ -150,7 +150,8 @@ def mid() -> RunConfig:
 PRESETS = {"smoke": smoke, "demo": demo, "full": full}
 
 INFO = {
-    "smoke": PresetInfo("3-5 minutes on 2 CPU cores (plus JAX compilation on a cold cache)"),
+    "smoke": PresetInfo("about 1.5 minutes on 2 CPU cores; half a minute on a warm JAX "
+                        "compilation cache"),
     "demo": PresetInfo("about 7-7.5 minutes on one H200 with the 7 default methods, the "
                        "largest part the oracle, then perplexity correlations' populations, "
                        "DSIR's single-process n-gram pass and continued pretraining; the 6 "
