@@ -340,15 +340,13 @@ def dry_run_lines(cfg, devices: int = 1, top: int = 6) -> list[str]:
     """What `mgd run --dry-run` says of the round program of `cfg` (a RunConfig): the
     configured one, the planner's choice where an accelerator is present, or, on a CPU,
     that it is planned at run time on the device, with the candidates cheapest first."""
-    from mgd.pipeline.model import GPTConfig
     oc = cfg.oracle
     program = (f"remat {oc.remat.block} block / micro-batch remat {oc.remat.micro_batch} / "
                f"segments {oc.remat.segments}, micro_batch {oc.micro_batch}, "
                f"rounds per device {oc.rounds_per_device}")
     if not oc.auto_plan:
         return [f"configured (oracle.auto_plan = false): {program}"]
-    model_cfg = GPTConfig(vocab_size=cfg.corpus.vocab_size, seq_len=cfg.corpus.seq_len,
-                          **dataclasses.asdict(cfg.model))
+    model_cfg = cfg.model_config()
     target_rows = min(oc.target_batch, cfg.corpus.n_target)
     rounds = -(-oc.rounds // devices)
     p = Planner.for_device(model_cfg, oc, target_rows, rounds, 1)

@@ -209,7 +209,6 @@ def run_prepared(cfg: RunConfig, out=None, *, progress: bool = True, yes: bool =
     log.info(f"run folder {run_dir} (preset {cfg.name}, budget {budget}, {cfg.seeds} seeds)")
 
     def before_oracle():
-        from mgd.pipeline.model import GPTConfig
         from mgd.pipeline.selection import budget_rows
         corpus = corpus_stage(run_dir, cfg)
         pin_plan(run_dir, plan)
@@ -221,8 +220,7 @@ def run_prepared(cfg: RunConfig, out=None, *, progress: bool = True, yes: bool =
             raise UsageError(f"selection budget: {err}") from None
         log.info(f"corpus: {n} sequences of {seq_len} tokens; budget = {k} sequences "
                  f"({k * seq_len} tokens)")
-        model_cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=seq_len,
-                              **dataclasses.asdict(cfg.model))
+        model_cfg = cfg.model_config(vocab_size=corpus.vocab_size)
 
         base, base_eval, adam = base_stage(run_dir, cfg, corpus, model_cfg, progress)
         corpus, target_info = target_stage(run_dir, cfg, corpus)
