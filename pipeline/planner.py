@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 
+from mgd.errors import UsageError
 from mgd.pipeline import jaxpr_count, model, oracle
 from mgd.pipeline.oracle import OracleConfig, RematPlan
 
@@ -58,8 +59,9 @@ FAMILIES = {
 }
 
 
-class PlanError(RuntimeError):
-    """No candidate fits the memory budget."""
+class PlanError(UsageError, RuntimeError):
+    """No candidate fits the memory budget: the settings (k, the sequence length, the
+    budget) are the user's to change, so the CLI ends it in one line."""
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
