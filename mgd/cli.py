@@ -259,8 +259,8 @@ def _run(args) -> int:
         _print_plan(cfg, args.devices or 1)
         return 0
     processes = connect_processes(args)
-    result = run_mod.run(cfg, args.out, progress=not (args.no_progress or args.quiet),
-                         yes=args.yes, processes=processes)
+    result = run_mod.run_prepared(cfg, args.out, progress=not (args.no_progress or args.quiet),
+                                  yes=args.yes, processes=processes)
     if result is None:   # a process other than the first: its share is merged
         return 0
     if not args.quiet:

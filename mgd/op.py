@@ -4,7 +4,9 @@ The nesting follows docs/attention-math.md ("the JAX nesting trap"):
 
     attention            custom_vjp; its forward rule binds `_forward_pair`,
                          itself differentiable, so O keeps depending on q, k, v
-                         when the backward rule is differentiated again.
+                         when the backward rule is differentiated again. Its
+                         residuals o and lse carry `RESIDUAL_NAMES`, so a remat
+                         policy can keep them and rerun no forward kernel.
     _forward_pair        custom_vjp (o, lse); backward = backend.backward.
     _backward            custom_vjp (dq, dk, dv) of (q, k, v, do); its backward is
                          backend.double_backward. The saved o and lse are caches
@@ -21,11 +23,16 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from mgd import _checks, backends
 from mgd.reference import xla as _xla
 
-__all__ = ["attention", "attention_forward", "attention_backward", "attention_double_backward"]
+__all__ = ["attention", "attention_forward", "attention_backward", "attention_double_backward",
+           "RESIDUAL_NAMES"]
+
+# Names of attention's residuals (o, lse) for `jax.checkpoint_policies.save_only_these_names`.
+RESIDUAL_NAMES = ("attention_o", "attention_lse")
 
 
 def _backend(impl):
@@ -79,6 +86,7 @@ def _attention(q, k, v, causal, scale, impl):
 
 def _attention_fwd(q, k, v, causal, scale, impl):
     o, lse = _forward_pair(q, k, v, causal, scale, impl)
+    o, lse = checkpoint_name(o, RESIDUAL_NAMES[0]), checkpoint_name(lse, RESIDUAL_NAMES[1])
     return o, (q, k, v, o, lse)
 
 

@@ -132,6 +132,13 @@ class RunConfig:
     def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
+    def model_config(self, vocab_size: int | None = None):
+        """The `model.GPTConfig` of this run; `vocab_size`: the trained tokenizer's, where
+        the corpus is built (default `corpus.vocab_size`, what it is asked for)."""
+        from mgd.pipeline.model import GPTConfig
+        return GPTConfig(vocab_size=self.corpus.vocab_size if vocab_size is None else vocab_size,
+                         seq_len=self.corpus.seq_len, **dataclasses.asdict(self.model))
+
 
 # ---------------------------------------------------------------------------------------
 # Parsing values by a field's type
@@ -367,7 +374,6 @@ def plan_differences(saved: dict, plan: dict, prefix: str = "") -> list[str]:
 
 def validate(cfg: RunConfig) -> None:
     """UsageError naming the field, for settings that cannot run together."""
-    from mgd.pipeline.model import GPTConfig
     sel = cfg.selection
     if (sel.budget_fraction is None) == (sel.budget_tokens is None):
         raise UsageError("selection.budget_fraction and selection.budget_tokens: set exactly "
@@ -409,7 +415,6 @@ def validate(cfg: RunConfig) -> None:
         if value < 1:
             raise UsageError(f"{name} must be >= 1, got {value}")
     try:
-        GPTConfig(vocab_size=cfg.corpus.vocab_size, seq_len=cfg.corpus.seq_len,
-                  **dataclasses.asdict(cfg.model))
+        cfg.model_config()
     except ValueError as err:
         raise UsageError(f"model: {err}") from None

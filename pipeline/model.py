@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 import mgd
+from mgd.op import RESIDUAL_NAMES
 
 __all__ = ["GPTConfig", "init_params", "forward", "per_example_loss", "token_losses",
            "features", "bits_per_byte", "param_count"]
@@ -131,7 +130,6 @@ def _rotary(x, base):
 
 # Not an attention backend: what the round costs outside attention is the round with this.
 STANDIN = "standin"
-ATTENTION_NAMES = ("attention_o", "attention_lse")
 
 
 def _standin_attention(q, k, v):
@@ -139,36 +137,9 @@ def _standin_attention(q, k, v):
     return v + jnp.asarray(1e-6, v.dtype) * (q + k)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _kept_attention(q, k, v, impl):
-    return mgd.attention(q, k, v, causal=True, impl=impl)
-
-
-def _kept_attention_fwd(q, k, v, impl):
-    # Named, so a block remat policy can keep them: the backward and double backward read
-    # o and lse instead of rerunning the forward kernel.
-    o, lse = mgd.attention_forward(q, k, v, causal=True, impl=impl)
-    o = checkpoint_name(o, ATTENTION_NAMES[0])
-    lse = checkpoint_name(lse, ATTENTION_NAMES[1])
-    return o, (q, k, v, o, lse)
-
-
-def _kept_attention_bwd(impl, res, do):
-    q, k, v, o, lse = res
-    return mgd.attention_backward(q, k, v, o, lse, do, causal=True, impl=impl)
-
-
-_kept_attention.defvjp(_kept_attention_fwd, _kept_attention_bwd)
-
-
 def _attention(q, k, v, cfg: GPTConfig):
     if cfg.attention_impl == STANDIN:
         return _standin_attention(q, k, v)
-    if cfg.remat_blocks and cfg.remat_keeps_attention:
-        impl = mgd.backends.resolve(cfg.attention_impl, q, k, v, causal=True).NAME
-        # The naive XLA attention has no kernel outputs to keep: it is recomputed whole.
-        if impl != "xla":
-            return _kept_attention(q, k, v, impl)
     return mgd.attention(q, k, v, causal=True, impl=cfg.attention_impl)
 
 
@@ -177,8 +148,9 @@ def _block_remat(body, cfg: GPTConfig):
     if not cfg.remat_blocks:
         return body
     if cfg.remat_keeps_attention:
+        # The naive XLA attention names no outputs: under this policy it is recomputed whole.
         return jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
-            *ATTENTION_NAMES))
+            *RESIDUAL_NAMES))
     return jax.checkpoint(body)
 
 

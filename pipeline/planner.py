@@ -6,8 +6,8 @@ remat keeping attention, frugal), the gradient micro-batch (divisors of k), the 
 segments of the reverse pass, and how many rounds each device runs at once (vmapped).
 
 Candidates are ranked by a cost model, cheapest first: the round's dense matmul FLOPs in
-forward-equivalents (counted in its jaxpr, as `round_budget` does), times a penalty for
-short matmuls, times the padding of the last group of rounds. Each candidate in that order
+forward-equivalents (counted in its jaxpr by `round_budget.forward_equivalents`), times a
+penalty for short matmuls, times the padding of the last group of rounds. Each candidate in that order
 is compiled (nothing runs) and XLA's memory analysis (temp + argument + output bytes) is
 checked against the budget less a safety margin; the first that fits is the plan. A
 candidate that batches rounds is compiled only after the same candidate with one round
@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 
-from mgd.pipeline import jaxpr_count, model, oracle
+from mgd.errors import UsageError
+from mgd.pipeline import oracle, round_budget
 from mgd.pipeline.oracle import OracleConfig, RematPlan
 
 __all__ = ["Candidate", "Planner", "PlanError", "parse_bytes", "device_budget", "candidates",
@@ -58,8 +58,9 @@ FAMILIES = {
 }
 
 
-class PlanError(RuntimeError):
-    """No candidate fits the memory budget."""
+class PlanError(UsageError, RuntimeError):
+    """No candidate fits the memory budget: the settings (k, the sequence length, the
+    budget) are the user's to change, so the CLI ends it in one line."""
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -133,28 +134,6 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _abstract(model_cfg, oc: OracleConfig, target_rows: int, rounds: int, warm: bool):
-    params = jax.eval_shape(lambda: model.init_params(model_cfg, jax.random.key(0)))
-    width = model_cfg.seq_len + 1
-    train = jax.ShapeDtypeStruct((rounds, oc.k, width), jnp.int32)
-    target = jax.ShapeDtypeStruct((rounds, target_rows, width), jnp.int32)
-    adam = (params, params, jax.ShapeDtypeStruct((), jnp.int32)) if warm else None
-    return params, train, target, adam
-
-
-def forward_equivalents(model_cfg, oc: OracleConfig, target_rows: int) -> float:
-    """Dense matmul FLOPs of one round of `oc` over those of one forward pass on k rows,
-    counted in the traced program (nothing is compiled)."""
-    params, train, target, adam = _abstract(model_cfg, oc, target_rows, 1, oc.warm_start)
-    train = jax.ShapeDtypeStruct(train.shape[1:], train.dtype)
-    target = jax.ShapeDtypeStruct(target.shape[1:], target.dtype)
-    fn = oracle.make_round_fn(model_cfg, oc)
-    counts = jaxpr_count.count(jax.make_jaxpr(fn)(params, train, target, adam))
-    one = jaxpr_count.count(jax.make_jaxpr(
-        lambda p, x: model.per_example_loss(p, x, model_cfg))(params, train))
-    return counts.dense_flops / max(one.dense_flops, 1.0)
-
-
 def candidates(model_cfg, oc: OracleConfig, target_rows: int, rounds_to_label: int,
                n_devices: int = 1) -> list[Candidate]:
     """Every candidate for these shapes, cheapest first."""
@@ -174,7 +153,7 @@ def candidates(model_cfg, oc: OracleConfig, target_rows: int, rounds_to_label: i
                 probe = dataclasses.replace(oc, remat=plan, micro_batch=micro,
                                             target_micro_batch=None, segments=None,
                                             rounds_per_device=1)
-                fe[micro is None] = forward_equivalents(model_cfg, probe, target_rows)
+                fe[micro is None] = round_budget.forward_equivalents(model_cfg, probe, target_rows)
             rows = micro or k
             for b in batch_sizes:
                 groups = -(-rounds_to_label // (n_devices * b))
@@ -187,8 +166,8 @@ def candidates(model_cfg, oc: OracleConfig, target_rows: int, rounds_to_label: i
 def estimate_bytes(model_cfg, oc: OracleConfig, target_rows: int) -> dict:
     """XLA's compile-time memory analysis of one device's program under `oc` (its
     `rounds_per_device` rounds at once): compiled for the default backend, never run."""
-    params, train, target, adam = _abstract(model_cfg, oc, target_rows, oc.rounds_per_device,
-                                            oc.warm_start)
+    params, train, target, adam = round_budget.abstract_inputs(model_cfg, oc, target_rows,
+                                                               oc.rounds_per_device)
     compiled = oracle.make_rounds_fn(model_cfg, oc).lower(params, train, target, adam).compile()
     ma = compiled.memory_analysis()
     if ma is None:
@@ -340,15 +319,13 @@ def dry_run_lines(cfg, devices: int = 1, top: int = 6) -> list[str]:
     """What `mgd run --dry-run` says of the round program of `cfg` (a RunConfig): the
     configured one, the planner's choice where an accelerator is present, or, on a CPU,
     that it is planned at run time on the device, with the candidates cheapest first."""
-    from mgd.pipeline.model import GPTConfig
     oc = cfg.oracle
     program = (f"remat {oc.remat.block} block / micro-batch remat {oc.remat.micro_batch} / "
                f"segments {oc.remat.segments}, micro_batch {oc.micro_batch}, "
                f"rounds per device {oc.rounds_per_device}")
     if not oc.auto_plan:
         return [f"configured (oracle.auto_plan = false): {program}"]
-    model_cfg = GPTConfig(vocab_size=cfg.corpus.vocab_size, seq_len=cfg.corpus.seq_len,
-                          **dataclasses.asdict(cfg.model))
+    model_cfg = cfg.model_config()
     target_rows = min(oc.target_batch, cfg.corpus.n_target)
     rounds = -(-oc.rounds // devices)
     p = Planner.for_device(model_cfg, oc, target_rows, rounds, 1)

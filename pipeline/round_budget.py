@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from mgd.pipeline import jaxpr_count, model, oracle
 from mgd.pipeline.round_shapes import RoundShape, parse_shape
 
-__all__ = ["Budget", "floor", "round_budget", "main"]
+__all__ = ["Budget", "floor", "round_budget", "round_counts", "forward_flops", "abstract_inputs",
+           "counts_of_round", "forward_flops_of", "forward_equivalents", "main"]
 
 
 @dataclass(frozen=True)
@@ -47,28 +48,49 @@ def floor(inner_steps: int, k: int, target_rows: int) -> Budget:
                   dense_forward_equivalents=12 * t + 3 * target_rows / k)
 
 
-def _abstract_inputs(cfg, shape: RoundShape, seq_len: int):
+def abstract_inputs(cfg: model.GPTConfig, oc: oracle.OracleConfig, target_rows: int,
+                    rounds: int | None = None):
+    """Shapes of a round's inputs (params, train rows, target rows, the inner Adam's warm
+    start or None), train and target with a leading axis of `rounds` when given (the
+    inputs of `oracle.make_rounds_fn`)."""
     params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
-    train = jax.ShapeDtypeStruct((shape.k, seq_len + 1), jnp.int32)
-    target = jax.ShapeDtypeStruct((shape.target_rows, seq_len + 1), jnp.int32)
-    return params, train, target
+    lead = () if rounds is None else (rounds,)
+    train = jax.ShapeDtypeStruct(lead + (oc.k, cfg.seq_len + 1), jnp.int32)
+    target = jax.ShapeDtypeStruct(lead + (target_rows, cfg.seq_len + 1), jnp.int32)
+    adam = (params, params, jax.ShapeDtypeStruct((), jnp.int32)) if oc.warm_start else None
+    return params, train, target, adam
+
+
+def counts_of_round(cfg: model.GPTConfig, oc: oracle.OracleConfig,
+                    target_rows: int) -> jaxpr_count.Counts:
+    """Counts of one round of `oc` as `make_round_fn` builds it (traced, not compiled)."""
+    fn = oracle.make_round_fn(cfg, oc)
+    return jaxpr_count.count(jax.make_jaxpr(fn)(*abstract_inputs(cfg, oc, target_rows)))
+
+
+def forward_flops_of(cfg: model.GPTConfig, k: int) -> float:
+    """Dense matmul FLOPs of one forward pass over `k` rows."""
+    params = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    rows = jax.ShapeDtypeStruct((k, cfg.seq_len + 1), jnp.int32)
+    closed = jax.make_jaxpr(lambda p, x: model.per_example_loss(p, x, cfg))(params, rows)
+    return jaxpr_count.count(closed).dense_flops
+
+
+def forward_equivalents(cfg: model.GPTConfig, oc: oracle.OracleConfig, target_rows: int) -> float:
+    """Dense matmul FLOPs of one round of `oc` over those of one forward pass on its k rows."""
+    return counts_of_round(cfg, oc, target_rows).dense_flops / max(forward_flops_of(cfg, oc.k), 1.0)
 
 
 def round_counts(shape: RoundShape, seq_len: int, plan: oracle.RematPlan, impl: str = "pallas",
                  inner_steps: int | None = None) -> jaxpr_count.Counts:
-    """Counts of the whole round as `make_round_fn` builds it."""
-    cfg = shape.model_config(seq_len, impl)
-    oc = shape.oracle_config(plan, inner_steps)
-    fn = oracle.make_round_fn(cfg, oc)
-    return jaxpr_count.count(jax.make_jaxpr(fn)(*_abstract_inputs(cfg, shape, seq_len)))
+    """Counts of the whole round at `shape` as `make_round_fn` builds it."""
+    return counts_of_round(shape.model_config(seq_len, impl),
+                           shape.oracle_config(plan, inner_steps), shape.target_rows)
 
 
 def forward_flops(shape: RoundShape, seq_len: int, impl: str = "pallas") -> float:
     """Dense matmul FLOPs of one forward pass over the round's k training rows."""
-    cfg = shape.model_config(seq_len, impl)
-    params, train, _ = _abstract_inputs(cfg, shape, seq_len)
-    closed = jax.make_jaxpr(lambda p, x: model.per_example_loss(p, x, cfg))(params, train)
-    return jaxpr_count.count(closed).dense_flops
+    return forward_flops_of(shape.model_config(seq_len, impl), shape.k)
 
 
 def round_budget(shape: RoundShape, seq_len: int, plan: oracle.RematPlan, impl: str = "pallas",

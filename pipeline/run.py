@@ -49,7 +49,7 @@ from mgd.pipeline.stages import (
     target_stage,
 )
 
-__all__ = ["run", "prepare", "resolve_sources", "check_environment", "RunResult",
+__all__ = ["run", "run_prepared", "prepare", "resolve_sources", "check_environment", "RunResult",
            "copy_for_scorer_variant", "load_params", "save_params", "distilled_rule", "OURS"]
 
 log = logging.getLogger(__name__)
@@ -187,10 +187,16 @@ def run(cfg: RunConfig | str = "smoke", out=None, *, progress: bool = True, yes:
     0 builds the stages before the oracle while the others wait and then read them, every
     process labels its share of the rounds, and process 0 runs the rest; the others
     return None once the labels are merged."""
+    cfg = presets.get(cfg) if isinstance(cfg, str) else cfg
+    return run_prepared(prepare(cfg, env), out, progress=progress, yes=yes, processes=processes)
+
+
+def run_prepared(cfg: RunConfig, out=None, *, progress: bool = True, yes: bool = False,
+                 processes=None) -> RunResult | None:
+    """`run` of a config that `prepare` has already checked and resolved (the CLI
+    prepares it once, before connecting the processes)."""
     from mgd.pipeline import distributed
     processes = processes or distributed.current()
-    cfg = presets.get(cfg) if isinstance(cfg, str) else cfg
-    cfg = prepare(cfg, env)
     check_environment(cfg, yes=yes)
     plan = to_plan(cfg)
     run_dir = Path(out or Path("runs") / cfg.name)
@@ -203,7 +209,6 @@ def run(cfg: RunConfig | str = "smoke", out=None, *, progress: bool = True, yes:
     log.info(f"run folder {run_dir} (preset {cfg.name}, budget {budget}, {cfg.seeds} seeds)")
 
     def before_oracle():
-        from mgd.pipeline.model import GPTConfig
         from mgd.pipeline.selection import budget_rows
         corpus = corpus_stage(run_dir, cfg)
         pin_plan(run_dir, plan)
@@ -215,8 +220,7 @@ def run(cfg: RunConfig | str = "smoke", out=None, *, progress: bool = True, yes:
             raise UsageError(f"selection budget: {err}") from None
         log.info(f"corpus: {n} sequences of {seq_len} tokens; budget = {k} sequences "
                  f"({k * seq_len} tokens)")
-        model_cfg = GPTConfig(vocab_size=corpus.vocab_size, seq_len=seq_len,
-                              **dataclasses.asdict(cfg.model))
+        model_cfg = cfg.model_config(vocab_size=corpus.vocab_size)
 
         base, base_eval, adam = base_stage(run_dir, cfg, corpus, model_cfg, progress)
         corpus, target_info = target_stage(run_dir, cfg, corpus)

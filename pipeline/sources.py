@@ -36,6 +36,28 @@ class MalformedSource(UsageError, ValueError):
     """A corpus file that cannot be read as JSON lines with the asked-for field."""
 
 
+def _json_lines(path: Path):
+    """(line number, object) of each non-blank line of a .jsonl or .jsonl.gz file.
+    SourceMissing or MalformedSource naming the file and line."""
+    if not path.is_file():
+        raise SourceMissing(f"corpus file not found: {path}")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise MalformedSource(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+                yield lineno, obj
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        # A truncated gzip stream or bad bytes surface here, after `lineno` good lines.
+        raise MalformedSource(f"{path}:{lineno + 1}: cannot read ({type(err).__name__}: {err})") from err
+
+
 def read_jsonl(path, field: str = "text", limit: int | None = None, *,
                only_source: str | None = None, skip_source: str | None = None) -> list[str]:
     """The `field` of each JSON object in a .jsonl or .jsonl.gz file, in file order.
@@ -48,38 +70,28 @@ def read_jsonl(path, field: str = "text", limit: int | None = None, *,
     path = Path(path)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    if not path.is_file():
-        raise SourceMissing(f"corpus file not found: {path}")
-    opener = gzip.open if path.name.endswith(".gz") else open
     texts: list[str] = []
-    lineno = 0
-    try:
-        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if limit is not None and len(texts) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MalformedSource(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-                if not isinstance(obj, dict) or field not in obj:
-                    keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise MalformedSource(f"{path}:{lineno}: no field {field!r} (found {keys})")
-                if only_source is not None or skip_source is not None:
-                    src = obj.get(SOURCE_FIELD)
-                    if (only_source is not None and src != only_source) or \
-                            (skip_source is not None and src == skip_source):
-                        continue
-                text = obj[field]
-                if not isinstance(text, str):
-                    raise MalformedSource(f"{path}:{lineno}: field {field!r} is "
-                                     f"{type(text).__name__}, expected a string")
-                texts.append(text)
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        # A truncated gzip stream or bad bytes surface here, after `lineno` good lines.
-        raise MalformedSource(f"{path}:{lineno + 1}: cannot read ({type(err).__name__}: {err})") from err
+    if limit == 0:
+        if not path.is_file():
+            raise SourceMissing(f"corpus file not found: {path}")
+        return texts
+    for lineno, obj in _json_lines(path):
+        if not isinstance(obj, dict) or field not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise MalformedSource(f"{path}:{lineno}: no field {field!r} (found {keys})")
+        if only_source is not None or skip_source is not None:
+            src = obj.get(SOURCE_FIELD)
+            if (only_source is not None and src != only_source) or \
+                    (skip_source is not None and src == skip_source):
+                continue
+        text = obj[field]
+        if not isinstance(text, str):
+            raise MalformedSource(f"{path}:{lineno}: field {field!r} is "
+                                  f"{type(text).__name__}, expected a string")
+        texts.append(text)
+        # Stop before reading further: lines past the limit are never parsed.
+        if limit is not None and len(texts) >= limit:
+            break
     return texts
 
 
@@ -117,24 +129,10 @@ def stream_hub(dataset: str, config: str | None, field: str, split: str = "train
 def source_counts(path) -> dict[str, int]:
     """{value of the `source` field: documents} of a .jsonl or .jsonl.gz file, in order of
     first appearance (documents without the field count under "")."""
-    path = Path(str(path).partition("#")[0])
-    if not path.is_file():
-        raise SourceMissing(f"corpus file not found: {path}")
-    opener = gzip.open if path.name.endswith(".gz") else open
     counts: dict[str, int] = {}
-    try:
-        with opener(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MalformedSource(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-                src = str(obj.get(SOURCE_FIELD, "")) if isinstance(obj, dict) else ""
-                counts[src] = counts.get(src, 0) + 1
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise MalformedSource(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+    for _, obj in _json_lines(Path(str(path).partition("#")[0])):
+        src = str(obj.get(SOURCE_FIELD, "")) if isinstance(obj, dict) else ""
+        counts[src] = counts.get(src, 0) + 1
     return counts
 
 

@@ -92,9 +92,8 @@ def _params_bytes(cfg) -> int:
     """Float32 parameters of the run's model (from the config, nothing measured)."""
     import jax
 
-    from mgd.pipeline.model import GPTConfig, init_params, param_count
-    m = GPTConfig(vocab_size=cfg.corpus.vocab_size, seq_len=cfg.corpus.seq_len,
-                  **dataclasses.asdict(cfg.model))
+    from mgd.pipeline.model import init_params, param_count
+    m = cfg.model_config()
     return 4 * param_count(jax.eval_shape(lambda: init_params(m, jax.random.key(0))))
 
 

@@ -293,7 +293,7 @@ def test_ctrl_c_says_the_same_command_resumes(monkeypatch, capsys, tmp_path):
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(run_mod, "run", interrupted)
+    monkeypatch.setattr(run_mod, "run_prepared", interrupted)
     line = _error(capsys, ["run", *HUB, "--out", str(tmp_path / "r")], code=130)
     assert "stopped" in line and "same command" in line and "resume" in line
 
@@ -303,10 +303,26 @@ def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
 
     def bug(*a, **k):
         raise ZeroDivisionError("a bug")
-    monkeypatch.setattr(run_mod, "run", bug)
+    monkeypatch.setattr(run_mod, "run_prepared", bug)
     with pytest.raises(ZeroDivisionError):
         cli.main(["run", *HUB, "--out", str(tmp_path / "r")])
 
+
+
+def test_the_cli_prepares_the_config_once(monkeypatch, tmp_path):
+    # Preparing reads the sources (all of the on-target file for --target-source).
+    from mgd.pipeline import run as run_mod
+    calls, ran = [], []
+    prepare = run_mod.prepare
+
+    def counted(cfg, env=None):
+        calls.append(cfg)
+        return prepare(cfg, env)
+    monkeypatch.setattr(run_mod, "prepare", counted)
+    monkeypatch.setattr(run_mod, "run_prepared", lambda cfg, *a, **k: ran.append(cfg))
+    assert cli.main(["run", *HUB, "--out", str(tmp_path / "r")]) == 0
+    assert len(calls) == 1 and len(ran) == 1
+    assert ran[0] == prepare(calls[0])
 
 @needs_data
 def test_dry_run_runs_nothing_and_shows_the_resolved_sources(tmp_path, capsys, monkeypatch):

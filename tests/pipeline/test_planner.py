@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from mgd.errors import UsageError
 from mgd.pipeline import model, oracle, planner
 
 CFG = model.GPTConfig(vocab_size=37, seq_len=8, n_layer=1, n_head=2, d_model=16,
@@ -68,8 +69,10 @@ def test_planner_picks_the_cheapest_program_that_fits_with_xla_estimates():
     # Below the smallest estimate nothing fits: one clear error.
     p = planner.Planner(CFG, oc, 2, 3, budget=int(levels[0] * 0.9), budget_source="test",
                         estimate=lambda o: by_program[o])
-    with pytest.raises(planner.PlanError, match="no round program fits"):
+    with pytest.raises(planner.PlanError, match="no round program fits") as err:
         p.plan()
+    # A budget too small for the settings is the user's to fix: the CLI's one-line error.
+    assert isinstance(err.value, UsageError) and "\n" not in str(err.value)
 
 
 def _fake_estimate(oc):
