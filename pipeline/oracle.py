@@ -46,6 +46,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mgd.errors import UsageError
 from mgd.pipeline import artifacts
 from mgd.pipeline.model import GPTConfig, per_example_loss
 from mgd.profiling import nvtx_range
@@ -547,6 +548,10 @@ def _planner_for(model_cfg, oc, target_rows, n_rounds, n_devices):
     return Planner.for_device(model_cfg, oc, target_rows, n_rounds, n_devices)
 
 
+class InnerStepsDiverged(UsageError, FloatingPointError):
+    """A round's metagradient came out non-finite: the settings, not the code, are at fault."""
+
+
 def label(params, corpus, model_cfg: GPTConfig, oracle_cfg: OracleConfig, run_dir,
           progress=True, devices=None, adam_state=None, processes=None) -> Labels:
     """Label corpus rows with metagradient scores; persisted under `run_dir/oracle/`.
@@ -662,8 +667,10 @@ def _label_rounds(params, tokens, targets, round_indices, round_targets, model_c
             run_oc = planner.fallback(run_oc)
             continue
         if not np.all(np.isfinite(out_tau)):
-            raise FloatingPointError(f"non-finite metagradient in rounds {ids.tolist()}; "
-                                     "lower inner_lr or raise eps_root")
+            raise InnerStepsDiverged(
+                f"oracle: non-finite metagradient in rounds {sorted(set(ids.tolist()))} (the "
+                f"inner steps diverged): lower oracle.inner_lr (now {oc.inner_lr}) or raise "
+                f"oracle.eps_root (now {oc.eps_root}) with --set; finished rounds are kept")
         for j, r in enumerate(ids[:n_new]):
             phi0 = float(phi0_fn(params, targets[round_targets[r]]))
             mine[int(r)] = label_shards.Round(out_tau[j].astype(np.float64), float(out_phi[j]), phi0)

@@ -15,6 +15,7 @@ import optax
 import pytest
 from scipy.stats import spearmanr
 
+from mgd.errors import UsageError
 from mgd.pipeline import model, oracle
 from tests.pipeline.shared_data import DATA, needs_data
 
@@ -312,6 +313,25 @@ def test_scores_order_clusters(tmp_path):
                             inner_steps=4, rounds=54, pool_size=360)
     assert r["mean"]["ontarget"] > r["mean"]["offtarget"] > r["mean"]["corrupt"]
     assert r["d_on_off"] > 0.2 and r["d_off_corrupt"] > 0.2
+
+
+def test_a_diverging_inner_loop_is_one_line_naming_the_settings(tmp_path, monkeypatch):
+    """Non-finite tau is a settings problem: a UsageError (one line from the CLI) naming
+    oracle.inner_lr, raised before anything non-finite is saved."""
+    corpus = _fake_corpus(seed=3)
+    params = model.init_params(LABEL_CFG, jax.random.key(1))
+    oc = oracle.OracleConfig(k=6, inner_steps=2, inner_lr=1e-2, rounds=2, target_batch=4,
+                             warm_start=False)
+
+    def diverging(model_cfg, run_oc, devices):
+        def fn(params, train, target, adam_state):
+            return jnp.full(train.shape[:2], jnp.nan), jnp.zeros(train.shape[:1])
+        return fn
+
+    monkeypatch.setattr(oracle, "_sharded_round_fn", diverging)
+    with pytest.raises(UsageError, match=r"oracle\.inner_lr \(now 0\.01\)"):
+        oracle.label(params, corpus, LABEL_CFG, oc, tmp_path, progress=False)
+    assert not (tmp_path / "oracle" / "DONE").exists()
 
 
 def test_label_summary_says_whether_the_inner_steps_raised_the_target_loss(tmp_path):
