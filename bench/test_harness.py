@@ -191,3 +191,25 @@ def test_report_on_end_to_end_rows_only(tmp_path):
             if r.startswith("| cuda |")]
     assert [r.split("|")[2].strip() for r in rows] == ["512", "1024"]
     assert rows[0].split("|")[5].strip() == "1.25"      # 25 ms / 20 ms
+
+
+def test_kernel_bars_report_judges_bars_from_the_cells():
+    from bench.kernel_bars import Cell, _flop, report
+
+    def cell(stage, impl, ms, d=128, t=8192, h=16):
+        return Cell(stage, impl, h, d, t, ms, _flop(stage, h, d, t) / ms / 1e9)
+
+    fwd_ms_at_550 = _flop("forward", 16, 128, 8192) / 550e9
+    cells = [cell("forward", "cuda", fwd_ms_at_550 * 0.99), cell("forward", "pallas", 1.0),
+             cell("forward", "cudnn", fwd_ms_at_550 * 0.9),
+             cell("backward", "cuda", 2.0), cell("backward", "cuda-fused", 1.5),
+             cell("backward", "triton", 3.0),
+             cell("hvp", "cuda", 10.0), cell("hvp", "pallas", 14.0), cell("hvp", "triton", 15.0),
+             Cell("hvp", "cuda", 16, 128, 4096, None, None, "OOM")]
+    text = report(cells, {"gpu": "g", "commit": "c", "jax": "j", "date": "d"})
+    assert "forward (16, 128) T=8192: 556 TF/s against 550: met" in text
+    assert "0.91x cuDNN (bar 1.00x): missed" in text
+    # The backward is judged by the faster of the two modes (fused, 1.5 ms): 2.00x triton.
+    assert "| (16, 128) | 8192 | " in text and "| 2.00x |" in text
+    assert "hvp (16, 128) T=8192: 1.40x the best reference against 1.45x: missed" in text
+    assert "- hvp cuda (16, 128) T=4096: OOM" in text

@@ -30,6 +30,12 @@
 #   round     one metagradient round per shape, implementation and remat plan, side by
 #             side (bench/round_timing.py): $MGD_ROUND_SHAPES (e2e:16384 gpt2s:8192),
 #             $MGD_ROUND_IMPLS (pallas,standin,cuda), $MGD_ROUND_PLANS (lean)
+#   bars      issue 19's kernel bars through JAX, every implementation and cuDNN side by
+#             side (bench/kernel_bars.py): forward and backward at $MGD_BARS_T, the HVP
+#             at $MGD_BARS_HVP_T; cap $MGD_BARS_CAP_S (300)
+#   drivers   our kernels' CUDA-event timings in the standalone drivers, each schedule
+#             and mode a switch selects ($MGD_DRIVER_T; needs -DMGD_BUILD_DRIVER=ON)
+#   ncu       Nsight Compute summaries of each kernel (scripts/ncu_kernels.sh)
 # (docs/gpu-runs.md says what each part needs and returns.)
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -253,11 +259,50 @@ part_round() {
   [ -f "$OUT/round/round_timing.md" ] && cat "$OUT/round/round_timing.md"
 }
 
+part_bars() {
+  local cap=${MGD_BARS_CAP_S:-300}
+  capped "$cap" 60 "kernel bars" python3 -m bench.kernel_bars --out "$OUT/bars" \
+    --stages forward backward --lengths ${MGD_BARS_T:-1024 4096 8192 16384 32768} \
+    --budget-s $(( $(left "$cap" 60) * 2 / 3 )) > "$OUT/bars.log" 2>&1
+  capped "$cap" 30 "HVP bars" python3 -m bench.kernel_bars --out "$OUT/bars" --stages hvp \
+    --lengths ${MGD_BARS_HVP_T:-8192 16384} --budget-s $(( $(left "$cap" 30) - 20 )) >> "$OUT/bars.log" 2>&1
+  grep -A40 "^## Bars" "$OUT/bars.log" | tail -n 40
+}
+
+part_drivers() {
+  local dir=${MGD_BUILD_DIR:-build/device}/kernels t hd pp mode
+  [ -x "$dir/fwd_driver" ] || { stamp "drivers: skipped (build with -DMGD_BUILD_DRIVER=ON)"; return; }
+  {
+    for hd in "16 128" "12 64"; do
+      set -- $hd
+      for t in ${MGD_DRIVER_T:-8192 16384}; do
+        for pp in 0 1; do
+          echo "forward H=$1 D=$2 T=$t pingpong=$pp: $(MGD_FWD_PINGPONG=$pp timeout 60 \
+            "$dir/fwd_driver" 1 "$t" "$1" "$2" 1 0 20 | tail -n 1)"
+        done
+        for mode in 0 1; do
+          echo "backward H=$1 D=$2 T=$t fused=$mode: $(timeout 60 \
+            "$dir/bwd_driver" 1 "$t" "$1" "$2" 1 0 20 0 "$mode" | tail -n 1)"
+        done
+        echo "double backward H=$1 D=$2 T=$t: $(timeout 60 \
+          "$dir/dbwd_driver" 1 "$t" "$1" "$2" 1 0 20 | tail -n 1)"
+      done
+    done
+  } > "$OUT/drivers.log" 2>&1
+  stamp "drivers: $(wc -l < "$OUT/drivers.log") timings"
+  cat "$OUT/drivers.log"
+}
+
+part_ncu() {
+  capped 150 40 "ncu summaries" env OUT="$OUT" bash scripts/ncu_kernels.sh > "$OUT/ncu.log" 2>&1
+  cat "$OUT/ncu.log"
+}
+
 parts=${*:-tune tests bench e2e nvtx oracle demo}
 for part in $parts; do
   case $part in
-    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round)"; exit 2 ;;
+    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round|bars|drivers|ncu) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round bars drivers ncu)"; exit 2 ;;
   esac
 done
 
