@@ -53,6 +53,13 @@ class RunState:
                                            progress=False)
 
     @cached_property
+    def nearest_target_scores(self) -> np.ndarray:
+        """[N] each corpus row's cosine to the target set's mean hidden state (read by
+        nearest_target and rule_nearest, computed once)."""
+        from mgd.pipeline.baselines import similarity
+        return similarity.nearest_scores(self.target_hidden, self.hidden)
+
+    @cached_property
     def target_modes(self):
         """`selection.TargetModes` of the target set (one mode when only the gate is on),
         computed once per run from the base model's mean-pooled hidden states."""
