@@ -29,8 +29,8 @@ FIELDS = ("shape", "seq_len", "impl", "plan", "status", "median_s", "min_s", "re
           "compile_s", "peak_gib", "compiled_temp_gib", "attention_share", "device", "error")
 
 
-def measure(shape_spec: str, impl: str, plan: str, repeats: int) -> dict:
-    """One configuration, in this process."""
+def build_round(shape_spec: str, impl: str, plan: str):
+    """The jitted round of one configuration and its inputs (params, train rows, target rows)."""
     import jax
     import numpy as np
 
@@ -38,16 +38,26 @@ def measure(shape_spec: str, impl: str, plan: str, repeats: int) -> dict:
     from mgd.pipeline.round_shapes import parse_shape
 
     shape, seq_len = parse_shape(shape_spec)
+    cfg = shape.model_config(seq_len, impl)
+    fn = oracle.make_round_fn(cfg, shape.oracle_config(oracle.RematPlan.named(plan)))
+    params = model.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, cfg.vocab_size, (shape.k, seq_len + 1)).astype(np.int32)
+    target = rng.integers(0, cfg.vocab_size, (shape.target_rows, seq_len + 1)).astype(np.int32)
+    return fn, (params, train, target)
+
+
+def measure(shape_spec: str, impl: str, plan: str, repeats: int) -> dict:
+    """One configuration, in this process."""
+    import jax
+
+    from mgd.pipeline.round_shapes import parse_shape
+
+    shape, seq_len = parse_shape(shape_spec)
     out = {"shape": shape.name, "seq_len": seq_len, "impl": impl, "plan": plan,
            "device": str(jax.devices()[0].device_kind)}
-    cfg = shape.model_config(seq_len, impl)
-    oc = shape.oracle_config(oracle.RematPlan.named(plan))
-    fn = oracle.make_round_fn(cfg, oc)
     try:
-        params = model.init_params(cfg, jax.random.key(0))
-        rng = np.random.default_rng(0)
-        train = rng.integers(0, cfg.vocab_size, (shape.k, seq_len + 1)).astype(np.int32)
-        target = rng.integers(0, cfg.vocab_size, (shape.target_rows, seq_len + 1)).astype(np.int32)
+        fn, (params, train, target) = build_round(shape_spec, impl, plan)
         t0 = time.perf_counter()
         compiled = fn.lower(params, train, target).compile()
         out["compile_s"] = time.perf_counter() - t0

@@ -87,16 +87,20 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
+    """The whole parser; with run_options=False, `run` without its options (enough for
+    `mgd --help` and `mgd --version`, and it does not import JAX)."""
     from mgd import __version__
-    from mgd.pipeline.config import ATTENTION_IMPLS
-    from mgd.pipeline.presets import PRESETS
     parser = _Parser(prog="mgd", description="MetaGrad-Distill")
     parser.add_argument("--version", action="version", version=f"mgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run (or resume) the data-selection experiment",
                        description=RUN_DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    if not run_options:
+        return parser
+    from mgd.pipeline.config import ATTENTION_IMPLS
+    from mgd.pipeline.presets import PRESETS
     r.add_argument("--preset", choices=sorted(PRESETS), default="smoke",
                    help="experiment size: smoke (CPU, minutes), demo and full (sized for one "
                         "H200) (default: smoke)")
@@ -274,7 +278,9 @@ def _run(args) -> int:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        words = sys.argv[1:] if argv is None else list(argv)
+        # The run options' choices come from the pipeline, which imports JAX: only for `run`.
+        args = build_parser(run_options="run" in words).parse_args(words)
         if args.command == "run":
             return _run(args)
         return 0

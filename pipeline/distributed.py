@@ -51,16 +51,33 @@ class Processes:
         """Wait until every process has reached the barrier `name` (no-op alone)."""
         if self.count == 1:
             return
-        from jax._src import distributed as _dist  # the runtime's own coordination client
-        client = _dist.global_state.client
-        if client is None:
+        if not jax.distributed.is_initialized():
             raise RuntimeError("several processes but jax.distributed is not initialized")
         timeout_ms = int(1000 * (BARRIER_TIMEOUT_S if timeout_s is None else timeout_s))
         # Barrier ids must be unique within the runtime's life: every process calls the
         # same barriers in the same order, so a shared counter keeps them in step.
         barrier_id = f"mgd/{next(_barrier_ids)}/{name}"
         log.info(f"process {self.index}: waiting for the other processes ({name})")
-        client.wait_at_barrier(barrier_id, min(timeout_ms, 2**31 - 1))
+        client = _coordination_client()
+        if client is None:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(barrier_id)
+        else:
+            client.wait_at_barrier(barrier_id, min(timeout_ms, 2**31 - 1))
+
+
+def _coordination_client():
+    """The coordination service's client, or None where this JAX no longer exposes it.
+
+    JAX's only public barrier (`multihost_utils.sync_global_devices`) is a device collective
+    with no timeout, unfit for waits of hours (another process training the base model), so
+    the service's own barrier is preferred; the collective is the fallback."""
+    try:
+        from jax._src import distributed as _dist
+        client = _dist.global_state.client
+    except (ImportError, AttributeError):
+        return None
+    return client if hasattr(client, "wait_at_barrier") else None
 
 
 def current() -> Processes:

@@ -92,8 +92,7 @@ def _distilled(state: RunState) -> Selection:
 # ---------------------------------------------------------------------------------------
 
 def nearest_target_scores(state: RunState) -> np.ndarray:
-    from mgd.pipeline.baselines import similarity
-    return similarity.nearest_scores(state.target_hidden, state.hidden)
+    return state.nearest_target_scores
 
 
 @selector("nearest_target")

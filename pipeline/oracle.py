@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 from mgd.errors import UsageError
 from mgd.pipeline import artifacts
 from mgd.pipeline.model import GPTConfig, per_example_loss
+from mgd.pipeline.units import parse_bytes
 from mgd.profiling import nvtx_range
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,6 @@ class OracleConfig:
             raise ValueError(f"OracleConfig.micro_batch ({self.micro_batch}) must divide "
                              f"k ({self.k})")
         if self.memory_budget is not None:
-            from mgd.pipeline.planner import parse_bytes
             try:
                 parse_bytes(self.memory_budget)
             except ValueError as err:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +30,7 @@ import jax
 from mgd.errors import UsageError
 from mgd.pipeline import oracle, round_budget
 from mgd.pipeline.oracle import OracleConfig, RematPlan
+from mgd.pipeline.units import parse_bytes
 
 __all__ = ["Candidate", "Planner", "PlanError", "parse_bytes", "device_budget", "candidates",
            "is_out_of_memory", "MARGIN", "SHORT_MATMUL_TOKENS"]
@@ -61,24 +60,6 @@ FAMILIES = {
 class PlanError(UsageError, RuntimeError):
     """No candidate fits the memory budget: the settings (k, the sequence length, the
     budget) are the user's to change, so the CLI ends it in one line."""
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text) -> int:
-    """"16GB", "16 GiB", "1.5e10", 16e9 -> bytes; ValueError otherwise."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value, unit = float(text), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-        if m is None or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"not a memory size: {text!r} (write e.g. 16GB, 80GiB or 1.6e10)")
-        value, unit = float(m.group(1)), m.group(2).lower()
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"a memory size must be > 0, got {text!r}")
-    return int(value * _UNITS[unit])
 
 
 def device_budget(device=None) -> int | None:

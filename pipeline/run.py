@@ -46,6 +46,7 @@ from mgd.pipeline.stages import (
     remove_tree,
     save_params,
     scorer_stage,
+    target_eval_stage,
     target_stage,
 )
 
@@ -225,9 +226,7 @@ def run_prepared(cfg: RunConfig, out=None, *, progress: bool = True, yes: bool =
         base, base_eval, adam = base_stage(run_dir, cfg, corpus, model_cfg, progress)
         corpus, target_info = target_stage(run_dir, cfg, corpus)
         if target_info is not None:
-            from mgd.pipeline.train import eval_loss
-            base_eval = eval_loss(base, corpus.eval_tokens, model_cfg, cfg.loss_batch)
-            log.info(f"base: eval loss on the target's held-out documents {base_eval:.4f}")
+            base_eval = target_eval_stage(run_dir, cfg, corpus, model_cfg, base, base_eval)
         return corpus, k, model_cfg, base, base_eval, adam, target_info
 
     # Process 0 builds these stages; the others then read them from the run folder.

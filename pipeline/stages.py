@@ -53,6 +53,13 @@ class RunState:
                                            progress=False)
 
     @cached_property
+    def nearest_target_scores(self) -> np.ndarray:
+        """[N] each corpus row's cosine to the target set's mean hidden state (read by
+        nearest_target and rule_nearest, computed once)."""
+        from mgd.pipeline.baselines import similarity
+        return similarity.nearest_scores(self.target_hidden, self.hidden)
+
+    @cached_property
     def target_modes(self):
         """`selection.TargetModes` of the target set (one mode when only the gate is on),
         computed once per run from the base model's mean-pooled hidden states."""
@@ -156,6 +163,30 @@ def target_stage(run_dir: Path, cfg: RunConfig, corpus):
         target_doc_id=np.full(a["target_tokens"].shape[0], -1, np.int64),
         eval_doc_id=np.full(a["eval_tokens"].shape[0], -1, np.int64))
     return corpus, info
+
+
+def target_eval_stage(run_dir: Path, cfg: RunConfig, corpus, model_cfg, base,
+                      base_eval: float) -> float:
+    """The base model's eval loss on a target of the run's own evaluation set (stage
+    `target-eval`), computed once and recomputed only when its inputs change (the
+    evaluation rows, the base model as fingerprinted by its own eval loss, loss_batch)."""
+    import hashlib
+
+    from mgd.pipeline.train import eval_loss
+    rows = np.ascontiguousarray(corpus.eval_tokens)
+    key = {"eval_tokens_sha256": hashlib.sha256(rows.tobytes()).hexdigest(),
+           "eval_shape": list(rows.shape), "base_eval_loss": float(base_eval),
+           "loss_batch": cfg.loss_batch}
+    st = artifacts.stage(run_dir, "target-eval")
+    if st.done and artifacts.read_json(st.path / "summary.json").get("key") != key:
+        remove_tree(st.path)
+    if not st.done:
+        loss = eval_loss(base, corpus.eval_tokens, model_cfg, cfg.loss_batch)
+        with st as tmp:
+            artifacts.atomic_write_json(tmp / "summary.json", {"eval_loss": float(loss), "key": key})
+    loss = artifacts.read_json(st.path / "summary.json")["eval_loss"]
+    log.info(f"base: eval loss on the target's held-out documents {loss:.4f}")
+    return loss
 
 
 def describe_target(info: dict | None, corpus) -> tuple[str, str]:

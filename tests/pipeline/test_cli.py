@@ -194,6 +194,19 @@ def test_version_option(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mgd {mgd.__version__}"
 
 
+@pytest.mark.parametrize("argv,says", [(["--help"], "usage: mgd"), (["--version"], "mgd 0"),
+                                       ([], "mgd: error:")])
+def test_help_and_version_do_not_import_jax(argv, says):
+    """`mgd --help` and `mgd --version` start fast: a fresh interpreter, JAX never imported."""
+    import subprocess
+    import sys
+    code = (f"import sys\nfrom mgd import cli\ntry:\n    cli.main({argv!r})\nexcept SystemExit:\n"
+            "    pass\nprint('JAX' if 'jax' in sys.modules else 'NOJAX')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "NOJAX", out.stdout + out.stderr
+    assert says in out.stdout + out.stderr
+
+
 # ------------------------------------------------------------------ user errors, one line each
 
 @pytest.mark.parametrize("argv,words", [

@@ -94,3 +94,25 @@ def test_processes_split_rounds_and_check_launch_settings():
         with pytest.raises(ValueError, match=words):
             distributed.initialize(*args)
     assert distributed.initialize(None, 1, 0) == distributed.Processes()
+
+
+def test_barrier_uses_the_coordination_service_else_the_public_collective(monkeypatch):
+    """The service's barrier (with its timeout) where JAX exposes it; else JAX's public
+    sync_global_devices, so that a JAX without the private client still runs."""
+    from jax.experimental import multihost_utils
+    with pytest.raises(RuntimeError, match="not initialized"):
+        distributed.Processes(0, 2).barrier("x")
+    monkeypatch.setattr(distributed.jax.distributed, "is_initialized", lambda: True)
+    calls = []
+
+    class Client:
+        def wait_at_barrier(self, barrier_id, timeout_ms):
+            calls.append(("service", barrier_id, timeout_ms))
+
+    monkeypatch.setattr(distributed, "_coordination_client", Client)
+    distributed.Processes(0, 2).barrier("labels", timeout_s=3)
+    monkeypatch.setattr(distributed, "_coordination_client", lambda: None)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda n: calls.append(("public", n)))
+    distributed.Processes(1, 2).barrier("merged")
+    assert calls[0][0] == "service" and calls[0][1].endswith("/labels") and calls[0][2] == 3000
+    assert calls[1][0] == "public" and calls[1][1].endswith("/merged")

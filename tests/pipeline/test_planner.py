@@ -35,6 +35,18 @@ def test_parse_bytes_refuses(bad):
         oracle.OracleConfig(memory_budget=bad)
 
 
+def test_parse_bytes_lives_below_the_configs():
+    """OracleConfig checks its memory budget without importing the planner (no cycle)."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom mgd.pipeline import oracle\noracle.OracleConfig(memory_budget='16GB')\n"
+            "print('mgd.pipeline.planner' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    from mgd.pipeline import units
+    assert planner.parse_bytes is units.parse_bytes
+
+
 def _brute_force(ranked, estimates, limit):
     """The cheapest candidate whose estimate is within `limit`, by looking at all."""
     fitting = [c for c in ranked if estimates[c.name] <= limit]

@@ -81,3 +81,25 @@ def test_classifier_is_the_balanced_logistic_regression(seed):
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="same width"):
         similarity.nearest_scores(np.zeros((3, 4)), np.zeros((5, 3)))
+
+
+def test_nearest_target_and_rule_nearest_share_one_score(monkeypatch):
+    """The nearest-target cosine is computed once per run, then read by both methods."""
+    from types import SimpleNamespace
+
+    from mgd.pipeline import methods
+    from mgd.pipeline.stages import RunState
+    target, corpus, _ = _features(0)
+    calls = []
+    real = similarity.nearest_scores
+    monkeypatch.setattr(similarity, "nearest_scores", lambda t, x: calls.append(1) or real(t, x))
+    cfg = SimpleNamespace(selection=SimpleNamespace(target_modes=0, target_gate=0))
+    state = RunState(run_dir=None, cfg=cfg, corpus=None, model_cfg=None, base=None,
+                     base_eval_loss=0.0, k=30, hidden=corpus, labels=None, scored=None, progress=False)
+    state.__dict__["target_hidden"] = target          # the cached property, as if computed
+    a = methods.SELECTORS["nearest_target"](state)
+    b = methods.SELECTORS["rule_nearest"](state)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(a.arrays["scores"], b.arrays["scores"])
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_allclose(a.arrays["scores"], real(target, corpus))

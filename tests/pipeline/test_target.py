@@ -178,3 +178,24 @@ def test_a_corpus_too_small_without_the_target_source_is_one_line(capsys, tmp_pa
     assert err[0].startswith("mgd: error: corpus: ") and "documents ran out" in err[0]
     assert "without source 'Medical-Abstracts-TC-Corpus/test'" in err[0]
     assert "corpus.n_ontarget" in err[0] and not (out / "plan.json").exists()
+
+
+def test_base_loss_on_the_target_is_cached_until_its_inputs_change(tmp_path, monkeypatch):
+    """A resumed run reads the base model's loss on the target's evaluation set from stage
+    target-eval; other evaluation rows or another base model compute it again."""
+    from types import SimpleNamespace
+
+    from mgd.pipeline import stages, train
+    calls = []
+    monkeypatch.setattr(train, "eval_loss", lambda base, rows, m, b: calls.append(1) or float(rows.sum()))
+    cfg = SimpleNamespace(loss_batch=4)
+    rows = np.arange(12, dtype=np.int32).reshape(3, 4)
+    corpus = SimpleNamespace(eval_tokens=rows)
+    assert stages.target_eval_stage(tmp_path, cfg, corpus, None, None, 2.5) == 66.0
+    assert stages.target_eval_stage(tmp_path, cfg, corpus, None, None, 2.5) == 66.0
+    assert len(calls) == 1 and (tmp_path / "target-eval" / "DONE").exists()
+    assert stages.target_eval_stage(tmp_path, cfg, SimpleNamespace(eval_tokens=rows[:2]), None, None,
+                                    2.5) == 28.0
+    assert stages.target_eval_stage(tmp_path, cfg, SimpleNamespace(eval_tokens=rows[:2]), None, None,
+                                    2.6) == 28.0
+    assert len(calls) == 3
