@@ -1,5 +1,6 @@
 // The forward kernel: one producer warpgroup (TMA, 24 registers) and two consumer
-// warpgroups (wgmma, 240 registers), 128 query rows per CTA. See kernels/DESIGN.md.
+// warpgroups (wgmma, 240 registers), 128 query rows per tile; each CTA runs its tiles of
+// fwd_schedule in order. See kernels/DESIGN.md.
 #pragma once
 
 #include "fwd_epilogue.cuh"
@@ -13,7 +14,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(sizeof(FwdShared<Cfg>) <= kMaxSharedBytes, "shared memory over the sm_90 limit");
   extern __shared__ __align__(1024) char smem_raw[];
   auto& sh = *reinterpret_cast<FwdShared<Cfg>*>(smem_raw);
-  const FwdTile t = fwd_tile(p);
+  const FwdSchedule sched = fwd_schedule(p);
   const int wg = threadIdx.x / 128;
   if (threadIdx.x == 0) sh.bar.init();
   cutlass::arch::fence_barrier_init();
@@ -21,15 +22,24 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (wg == 0) {
     cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
-    if (threadIdx.x == 0) fwd_produce(p, sh, t);
+    if (threadIdx.x == 0) fwd_produce(p, sh, sched);
   } else {
     cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
-    const int tid = threadIdx.x % 128;
+    const int w = wg - 1, tid = threadIdx.x % 128;
     typename Cfg::MmaO mma_o;
     Tensor accO = partition_fragment_C(mma_o, Shape<Int<kRowsPerWarpgroup>, Int<Cfg::D>>{});
-    OnlineSoftmax sm;
-    fwd_consume(p, sh, t, wg - 1, tid, accO, sm);
-    fwd_epilogue(p, t, wg - 1, tid, accO, sm);
+    // Ping-pong: warpgroup 0 takes the first turn.
+    if (p.pingpong && w == 1) turn_pass(w);
+    uint32_t g0 = 0;  // K/V blocks consumed so far (ring positions)
+    for (int j = 0, i = sched.tile(0); i < sched.count; ++j) {
+      const int next = sched.tile(j + 1);
+      const FwdTile t = fwd_tile(p, i);
+      OnlineSoftmax sm;
+      fwd_consume(p, sh, t, w, tid, g0, uint32_t(j), next >= sched.count, accO, sm);
+      fwd_epilogue(p, t, w, tid, accO, sm);
+      g0 += t.n_end;
+      i = next;
+    }
   }
 }
 

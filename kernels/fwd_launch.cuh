@@ -1,11 +1,13 @@
 // Host side of the forward: TMA descriptors of one call and the launch on the caller's
-// stream (grid: (batch * heads, query blocks), heavy query blocks first under causal).
+// stream: persistent (one CTA per SM looping over the tiles) or one CTA per tile.
 #pragma once
 
 #include "attention_fwd.h"
 #include "dbwd_launch.cuh"  // opt_in_shared_memory
 #include "fwd_kernel.cuh"
 
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 
 namespace mgd {
@@ -20,6 +22,43 @@ inline bool fwd_pingpong() {
   return on;
 }
 
+// Persistent grid, on unless MGD_FWD_PERSISTENT=0 (read once per process, to time both
+// launches on the same build).
+inline bool fwd_persistent() {
+  static const bool on = [] {
+    const char* env = std::getenv("MGD_FWD_PERSISTENT");
+    return !(env != nullptr && env[0] == '0');
+  }();
+  return on;
+}
+
+// MGD_FWD_MAX_CTAS=n caps the persistent grid at n CTAs, so that small shapes in the
+// checks run many tiles per CTA (read once per process; 0 or unset: no cap).
+inline int fwd_max_ctas() {
+  static const int n = [] {
+    const char* env = std::getenv("MGD_FWD_MAX_CTAS");
+    return env != nullptr ? std::atoi(env) : 0;
+  }();
+  return n;
+}
+
+// SM count of the current device, asked once per device.
+inline cudaError_t fwd_sm_count(int* count) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  int n = dev < kMaxDevices ? cached[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    if (dev < kMaxDevices) cached[dev].store(n, std::memory_order_relaxed);
+  }
+  *count = n;
+  return cudaSuccess;
+}
+
 template <class E, int D>
 cudaError_t launch_forward(const ForwardCall& c, cudaStream_t stream) {
   using Cfg = FwdConfig<E, D>;
@@ -32,7 +71,16 @@ cudaError_t launch_forward(const ForwardCall& c, cudaStream_t stream) {
   const int smem = int(sizeof(FwdShared<Cfg>));
   cudaError_t err = opt_in_shared_memory(fwd_kernel<Cfg>, smem);
   if (err != cudaSuccess) return err;
-  dim3 grid(c.batch * c.heads, (c.seq + kRowsPerCta - 1) / kRowsPerCta);
+  const int num_bh = c.batch * c.heads, num_m = (c.seq + kRowsPerCta - 1) / kRowsPerCta;
+  dim3 grid(num_bh, num_m);
+  if (fwd_persistent()) {
+    // One CTA per SM (1 fits: 384 threads at 168 registers); tile order in fwd_schedule.
+    int ctas = 0;
+    err = fwd_sm_count(&ctas);
+    if (err != cudaSuccess) return err;
+    if (fwd_max_ctas() > 0) ctas = std::min(ctas, fwd_max_ctas());
+    grid = dim3(std::min(int64_t(ctas), int64_t(num_bh) * num_m), 1);
+  }
   fwd_kernel<Cfg><<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -1,7 +1,8 @@
 // Forward of attention with log-sum-exp: tile configuration, shared storage, the TMA
 // producer and the consumer main loop (S = Q K^T, online softmax, O += P V).
-// One CTA owns 128 query rows: two consumer warpgroups of 64 rows each, fed by one
-// producer thread through a K ring and a V ring of mbarrier-guarded stages.
+// A CTA runs 128-query-row tiles one after another (one tile unless persistent): two
+// consumer warpgroups of 64 rows each, fed by one producer thread through two Q buffers,
+// a K ring and a V ring of mbarrier-guarded stages.
 #pragma once
 
 #include "dbwd_common.cuh"
@@ -17,9 +18,13 @@ struct FwdConfig {
   // 128-key blocks: a 64 x 128 score tile is 64 fp32 registers per thread, which
   // leaves room for the D-wide O accumulator and the bf16 copy of P at 240 registers.
   static constexpr int N = 128;
-  // Stages of the K and V rings: Q (32 KB) + 2 x (K + V) (128 KB) at D = 128.
+  // Stages of the K and V rings: 2 x Q (64 KB) + 2 x (K + V) (128 KB) at D = 128.
   static constexpr int kStages = kHeadDim == 128 ? 2 : 3;
-  using SmemQ = typename Tiles::template Smem<kRowsPerWarpgroup, kConsumerWarpgroups>;
+  // Two Q buffers, so that the next tile's Q loads while this tile still reads its own.
+  static constexpr int kQBuffers = 2;
+  // Slot kConsumerWarpgroups * buffer + warpgroup holds one warpgroup's 64 rows.
+  using SmemQ =
+      typename Tiles::template Smem<kRowsPerWarpgroup, kConsumerWarpgroups * kQBuffers>;
   using SmemKV = typename Tiles::template Smem<N, kStages>;
   using SmemVt = typename Tiles::template SmemT<N, kStages>;
   using TmaQ = RowTma<Tiles, kRowsPerWarpgroup>;
@@ -32,11 +37,11 @@ struct FwdConfig {
 
 // K and V have separate rings so that a K stage is handed back as soon as its
 // Q K^T is done, while the V stage of the same block is still being read by P V.
-template <int kStages>
+template <int kStages, int kQBuffers>
 struct FwdBarriers {
   uint64_t full_k[kStages], empty_k[kStages];
   uint64_t full_v[kStages], empty_v[kStages];
-  uint64_t q;
+  uint64_t full_q[kQBuffers], empty_q[kQBuffers];
 
   CUTE_DEVICE void init() {
     for (int s = 0; s < kStages; ++s) {
@@ -45,7 +50,10 @@ struct FwdBarriers {
       cutlass::arch::ClusterBarrier::init(&empty_k[s], 128 * kConsumerWarpgroups);
       cutlass::arch::ClusterBarrier::init(&empty_v[s], 128 * kConsumerWarpgroups);
     }
-    cutlass::arch::ClusterTransactionBarrier::init(&q, 1);
+    for (int b = 0; b < kQBuffers; ++b) {
+      cutlass::arch::ClusterTransactionBarrier::init(&full_q[b], 1);
+      cutlass::arch::ClusterBarrier::init(&empty_q[b], 128 * kConsumerWarpgroups);
+    }
   }
 };
 
@@ -55,7 +63,7 @@ struct FwdShared {
   alignas(1024) E q[cosize_v<typename Cfg::SmemQ>];
   alignas(1024) E k[cosize_v<typename Cfg::SmemKV>];
   alignas(1024) E v[cosize_v<typename Cfg::SmemKV>];
-  FwdBarriers<Cfg::kStages> bar;
+  FwdBarriers<Cfg::kStages, Cfg::kQBuffers> bar;
 };
 
 template <class Cfg>
@@ -72,46 +80,76 @@ struct FwdParams {
   bool pingpong;
 };
 
-// The work of one CTA: 128 query rows of one (batch, head) and its key-block range.
+// One tile: 128 query rows of one (batch, head) and its key-block range.
 struct FwdTile {
   int b, h, m_blk, n_end;
 };
 
+// Tile i in launch order: query blocks outermost, (batch, head) innermost.
 template <class Cfg>
-CUTE_DEVICE FwdTile fwd_tile(FwdParams<Cfg> const& p) {
+CUTE_DEVICE FwdTile fwd_tile(FwdParams<Cfg> const& p, int i) {
   FwdTile t;
-  const int num_m = gridDim.y;
+  const int num_bh = p.batch * p.heads;
+  const int num_m = (p.seq + kRowsPerCta - 1) / kRowsPerCta;
+  const int m_idx = i / num_bh, bh = i - m_idx * num_bh;
   // Under causal masking the last query blocks see the most keys: run them first.
-  t.m_blk = p.causal ? num_m - 1 - int(blockIdx.y) : int(blockIdx.y);
-  t.h = int(blockIdx.x) % p.heads;
-  t.b = int(blockIdx.x) / p.heads;
+  t.m_blk = p.causal ? num_m - 1 - m_idx : m_idx;
+  t.h = bh % p.heads;
+  t.b = bh / p.heads;
   const int num_n = (p.seq + Cfg::N - 1) / Cfg::N;
   t.n_end = p.causal ? min(num_n, ((t.m_blk + 1) * kRowsPerCta + Cfg::N - 1) / Cfg::N) : num_n;
   return t;
 }
 
-// One elected thread: Q once, then K_n and V_n into their rings.
+// This CTA's tiles: in round r, tile r * G + c on even r and r * G + G - 1 - c on odd r
+// (CTA c of G): with heavy tiles first, the reversal of every other round evens out the
+// CTAs' total key blocks. The persistent grid is 1-D with G <= #SMs; the one-tile-per-CTA
+// grid is (B * H, query blocks), where round 0 is the only one.
+struct FwdSchedule {
+  int c, ctas, count;
+  // Increasing in r; int is enough for count <= 2^29 (fwd_dispatch.cu).
+  CUTE_DEVICE int tile(int r) const { return r * ctas + ((r & 1) ? ctas - 1 - c : c); }
+};
+
 template <class Cfg>
-CUTE_DEVICE void fwd_produce(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdTile const& t) {
+CUTE_DEVICE FwdSchedule fwd_schedule(FwdParams<Cfg> const& p) {
+  const int num_m = (p.seq + kRowsPerCta - 1) / kRowsPerCta;
+  return {int(blockIdx.x + blockIdx.y * gridDim.x), int(gridDim.x * gridDim.y),
+          p.batch * p.heads * num_m};
+}
+
+// Invariant, counters never reset between tiles: K/V block g -> stage g % S, phase g / S; tile j -> Q buffer j % 2, phase j / 2.
+// (g counts the CTA's K/V blocks over all its tiles, j its tiles; full barriers are waited
+// with parity phase & 1, empty barriers by the producer with (phase & 1) ^ 1.)
+
+// One elected thread: per tile, Q into its buffer, then K_n and V_n into their rings.
+template <class Cfg>
+CUTE_DEVICE void fwd_produce(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdSchedule const& sched) {
   constexpr int D = Cfg::D, N = Cfg::N, S = Cfg::kStages;
   Tensor sQ = make_tensor(make_smem_ptr(sh.q), typename Cfg::SmemQ{});
   Tensor sK = make_tensor(make_smem_ptr(sh.k), typename Cfg::SmemKV{});
   Tensor sV = make_tensor(make_smem_ptr(sh.v), typename Cfg::SmemKV{});
-  cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sh.bar.q, Cfg::kQBytes);
-  for (int w = 0; w < kConsumerWarpgroups; ++w) {
-    int blk = t.m_blk * kConsumerWarpgroups + w;
-    tma_load_rows<kRowsPerWarpgroup, D>(p.tma_q, sQ, &sh.bar.q, p.batch, p.seq, p.heads, t.b, t.h,
-                                        blk, w);
-  }
-  for (int n = 0; n < t.n_end; ++n) {
-    const int s = n % S;
-    const uint32_t phase = ((n / S) & 1) ^ 1;
-    cutlass::arch::ClusterBarrier::wait(&sh.bar.empty_k[s], phase);
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sh.bar.full_k[s], Cfg::kTileBytes);
-    tma_load_rows<N, D>(p.tma_k, sK, &sh.bar.full_k[s], p.batch, p.seq, p.heads, t.b, t.h, n, s);
-    cutlass::arch::ClusterBarrier::wait(&sh.bar.empty_v[s], phase);
-    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sh.bar.full_v[s], Cfg::kTileBytes);
-    tma_load_rows<N, D>(p.tma_v, sV, &sh.bar.full_v[s], p.batch, p.seq, p.heads, t.b, t.h, n, s);
+  int s = 0;             // stage of the next K/V block (g % S)
+  uint32_t phase = 0;    // (g / S) & 1
+  for (int j = 0, i = sched.tile(0); i < sched.count; i = sched.tile(++j)) {
+    const FwdTile t = fwd_tile(p, i);
+    const int qb = j % Cfg::kQBuffers;
+    cutlass::arch::ClusterBarrier::wait(&sh.bar.empty_q[qb], ((j / Cfg::kQBuffers) & 1) ^ 1);
+    cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sh.bar.full_q[qb], Cfg::kQBytes);
+    for (int w = 0; w < kConsumerWarpgroups; ++w) {
+      int blk = t.m_blk * kConsumerWarpgroups + w;
+      tma_load_rows<kRowsPerWarpgroup, D>(p.tma_q, sQ, &sh.bar.full_q[qb], p.batch, p.seq, p.heads,
+                                          t.b, t.h, blk, qb * kConsumerWarpgroups + w);
+    }
+    for (int n = 0; n < t.n_end; ++n) {
+      cutlass::arch::ClusterBarrier::wait(&sh.bar.empty_k[s], phase ^ 1);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sh.bar.full_k[s], Cfg::kTileBytes);
+      tma_load_rows<N, D>(p.tma_k, sK, &sh.bar.full_k[s], p.batch, p.seq, p.heads, t.b, t.h, n, s);
+      cutlass::arch::ClusterBarrier::wait(&sh.bar.empty_v[s], phase ^ 1);
+      cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sh.bar.full_v[s], Cfg::kTileBytes);
+      tma_load_rows<N, D>(p.tma_v, sV, &sh.bar.full_v[s], p.batch, p.seq, p.heads, t.b, t.h, n, s);
+      if (++s == S) { s = 0; phase ^= 1; }
+    }
   }
 }
 
@@ -134,14 +172,18 @@ CUTE_DEVICE void fwd_mask(Acc& s, Coords const& coords, int row0, int col0, int 
   }
 }
 
-// The consumer warpgroup's main loop. The Q K^T of block n is issued together with
-// the P V of block n - 1, and the softmax of block n runs while that P V is in flight.
-// On return accO holds the unnormalized P V and `sm` the row max and partial sums.
+// The consumer warpgroup's main loop over one tile. The Q K^T of block n is issued
+// together with the P V of block n - 1, and the softmax of block n runs while that P V is
+// in flight. `g0` is the CTA-wide number of the tile's first K/V block, `j` the tile's
+// number in this CTA (ring positions: see fwd_schedule). On return accO holds the
+// unnormalized P V and `sm` the row max and partial sums.
 template <class Cfg, class AccO>
 CUTE_DEVICE void fwd_consume(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdTile const& t, int w,
-                             int tid, AccO& accO, OnlineSoftmax& sm) {
+                             int tid, uint32_t g0, uint32_t j, bool last_tile, AccO& accO,
+                             OnlineSoftmax& sm) {
   using E = typename Cfg::E;
-  constexpr int N = Cfg::N, S = Cfg::kStages;
+  constexpr int N = Cfg::N;
+  constexpr uint32_t S = Cfg::kStages;
   constexpr int R = kRowsPerWarpgroup;
   Tensor sQ = make_tensor(make_smem_ptr(sh.q), typename Cfg::SmemQ{});
   Tensor sK = make_tensor(make_smem_ptr(sh.k), typename Cfg::SmemKV{});
@@ -151,7 +193,7 @@ CUTE_DEVICE void fwd_consume(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdTil
   typename Cfg::MmaO mma_o;
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_o = mma_o.get_thread_slice(tid);
-  Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));    // (MMA, M, K, WG)
+  Tensor tSrQ = thr_s.make_fragment_A(thr_s.partition_A(sQ));    // (MMA, M, K, WG x buffer)
   Tensor tSrK = thr_s.make_fragment_B(thr_s.partition_B(sK));    // (MMA, N, K, S)
   Tensor tOrVt = thr_o.make_fragment_B(thr_o.partition_B(sVt));  // (MMA, D, N, S)
   Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<R>, Int<N>>{}));
@@ -172,34 +214,39 @@ CUTE_DEVICE void fwd_consume(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdTil
     CUTE_UNROLL
     for (int i = 0; i < size(accS); ++i) rP(i) = E(accS(i));
   };
+  auto stage = [](uint32_t g) { return int(g % S); };
+  auto parity = [](uint32_t g) { return (g / S) & 1; };
 
-  // Ping-pong: warpgroup 0 issues first; each issue point passes the turn to the other
-  // warpgroup, except warpgroup 1's last, so that every arrival is matched by a wait.
+  // Ping-pong: the turn alternates strictly between the warpgroups over all of the CTA's
+  // tiles (warpgroup 1 passed the first turn before its first tile); warpgroup 1 keeps
+  // its last turn of the CTA's last tile, so that every arrival is matched by a wait.
   const bool pp = p.pingpong;
-  if (pp && w == 1) turn_pass(w);
   auto issue_begin = [&]() { if (pp) turn_wait(w); };
-  auto issue_end = [&](bool last) { if (pp && !(last && w == 1)) turn_pass(w); };
+  auto issue_end = [&](bool last) { if (pp && !(last && last_tile && w == 1)) turn_pass(w); };
 
+  const int qb = int(j % Cfg::kQBuffers);
+  const int qslot = qb * kConsumerWarpgroups + w;
   clear(accO);
-  cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.q, 0);
+  cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_q[qb], (j / Cfg::kQBuffers) & 1);
 
-  cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_k[0], 0);
+  cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_k[stage(g0)], parity(g0));
   issue_begin();
-  wgmma<true>(mma_s, tSrQ(_, _, _, w), tSrK(_, _, _, 0), accS);
+  wgmma<true>(mma_s, tSrQ(_, _, _, qslot), tSrK(_, _, _, stage(g0)), accS);
   issue_end(false);
   warpgroup_wait<0>();
-  cutlass::arch::ClusterBarrier::arrive(&sh.bar.empty_k[0]);
+  cutlass::arch::ClusterBarrier::arrive(&sh.bar.empty_k[stage(g0)]);
   if (needs_mask(0)) fwd_mask(accS, tScS, row0, 0, p.seq, p.causal);
   float corr[2];
   sm.template update<true>(accS, scale_log2, corr);
   convert_p();
 
   for (int n = 1; n < t.n_end; ++n) {
-    const int s = n % S, sp = (n - 1) % S;
-    cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_k[s], (n / S) & 1);
-    cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_v[sp], ((n - 1) / S) & 1);
+    const uint32_t g = g0 + n;
+    const int s = stage(g), sp = stage(g - 1);
+    cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_k[s], parity(g));
+    cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_v[sp], parity(g - 1));
     issue_begin();
-    wgmma<true>(mma_s, tSrQ(_, _, _, w), tSrK(_, _, _, s), accS);
+    wgmma<true>(mma_s, tSrQ(_, _, _, qslot), tSrK(_, _, _, s), accS);
     wgmma<false>(mma_o, rP, tOrVt(_, _, _, sp), accO);
     issue_end(false);
     warpgroup_wait<1>();
@@ -211,14 +258,16 @@ CUTE_DEVICE void fwd_consume(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdTil
     sm.rescale(accO, corr);
     convert_p();
   }
+  // Every Q K^T of the tile has completed: the producer may refill this Q buffer.
+  cutlass::arch::ClusterBarrier::arrive(&sh.bar.empty_q[qb]);
 
-  const int sl = (t.n_end - 1) % S;
-  cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_v[sl], ((t.n_end - 1) / S) & 1);
+  const uint32_t gl = g0 + t.n_end - 1;
+  cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_v[stage(gl)], parity(gl));
   issue_begin();
-  wgmma<false>(mma_o, rP, tOrVt(_, _, _, sl), accO);
+  wgmma<false>(mma_o, rP, tOrVt(_, _, _, stage(gl)), accO);
   issue_end(true);
   warpgroup_wait<0>();
-  cutlass::arch::ClusterBarrier::arrive(&sh.bar.empty_v[sl]);
+  cutlass::arch::ClusterBarrier::arrive(&sh.bar.empty_v[stage(gl)]);
 }
 
 }  // namespace mgd
