@@ -36,6 +36,12 @@
 #   drivers   our kernels' CUDA-event timings in the standalone drivers, each schedule
 #             and mode a switch selects ($MGD_DRIVER_T; needs -DMGD_BUILD_DRIVER=ON)
 #   ncu       Nsight Compute summaries of each kernel (scripts/ncu_kernels.sh)
+#   fwd       our forward's device checks (kernels/tools/fwd_checks.sh; $MGD_FWD_ONLY picks
+#             sections): every schedule against float64 and bitwise against each other,
+#             timings, sanitizers; a failed or hung persistent schedule turns it off
+#             (MGD_FWD_PERSISTENT=0) for the parts after it, and says so
+#   profile   one metagradient round kernel by kernel (experiments/lean_round/profile_round.py)
+#             for each of $MGD_PROFILE_IMPLS (cuda pallas standin) at $MGD_PROFILE_SHAPE (e2e:16384)
 # (docs/gpu-runs.md says what each part needs and returns.)
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -298,11 +304,35 @@ part_ncu() {
   cat "$OUT/ncu.log"
 }
 
+part_fwd() {
+  capped ${MGD_FWD_CAP_S:-240} 40 "forward checks" env OUT="$OUT/fwd" MGD_BUILD_DIR="${MGD_BUILD_DIR:-build/device}" \
+    bash kernels/tools/fwd_checks.sh > "$OUT/fwd_checks.log" 2>&1
+  local failed
+  failed=$(grep -c "FAILED\|kernel hangs" "$OUT/fwd/fwd_driver.log" 2>/dev/null)
+  stamp "forward checks: ${failed:-no driver log} failed lines"
+  if [ "${failed:-1}" != 0 ]; then
+    export MGD_FWD_PERSISTENT=0
+    stamp "forward: persistent schedule turned off for the later parts (MGD_FWD_PERSISTENT=0)"
+  fi
+  grep -h "TFLOP" "$OUT/fwd/fwd_timing.log" 2>/dev/null | head -n 24
+  tail -n 12 "$OUT/fwd/fwd_sanitizer.log" 2>/dev/null
+}
+
+part_profile() {
+  local impl
+  for impl in ${MGD_PROFILE_IMPLS:-cuda pallas standin}; do
+    capped 120 45 "round profile $impl" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 \
+      experiments/lean_round/profile_round.py --shape "${MGD_PROFILE_SHAPE:-e2e:16384}" --impl "$impl" \
+      --plan lean --rounds 2 --hlo --out "$OUT/profile_$impl" > "$OUT/profile_$impl.log" 2>&1
+    grep -A14 -i "categor" "$OUT/profile_$impl/profile.md" 2>/dev/null | head -n 16
+  done
+}
+
 parts=${*:-tune tests bench e2e nvtx oracle demo}
 for part in $parts; do
   case $part in
-    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round|bars|drivers|ncu) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round bars drivers ncu)"; exit 2 ;;
+    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round|bars|drivers|ncu|profile|fwd) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round bars drivers ncu profile fwd)"; exit 2 ;;
   esac
 done
 
