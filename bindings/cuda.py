@@ -13,6 +13,9 @@ Switches, read at call time:
       own query-major pass, bitwise repeatable), 0 the fused form (dQ reduced in fp32
       by atomics inside the key-major kernel, one pass fewer, last bits vary).
 
+Read once per process by the library: MGD_BWD_BULK_REDUCE=0 makes the fused form add
+its dQ partials with per-thread red.global instead of one bulk reduce per tile.
+
 The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
 installed next to this file; its FFI target is registered with JAX on first use.
 """

@@ -24,6 +24,10 @@ struct BackwardCall {
 // Bytes of device workspace one call needs (row statistics of every query row).
 size_t backward_workspace_bytes(int batch, int seq, int heads, int head_dim, bool deterministic);
 
+// Fused mode's dQ reduction: a bulk reduce of smem-staged chunks (default) or per-thread
+// red.global.add when MGD_BWD_BULK_REDUCE=0 (read once per process).
+bool backward_bulk_reduce();
+
 // Launches the backward on `stream`. Returns cudaErrorInvalidValue for shapes or
 // dtypes the kernels do not cover (head_dim other than 64 or 128).
 cudaError_t backward(const BackwardCall& call, cudaStream_t stream);

@@ -1,4 +1,7 @@
 // Picks the backward instantiation for the call's dtype and head dimension.
+#include <cstdlib>
+#include <cstring>
+
 #include "attention_bwd.h"
 #include "bwd_kernels.cuh"
 
@@ -18,6 +21,14 @@ size_t backward_workspace_bytes(int batch, int seq, int heads, int head_dim, boo
   return bytes;
 }
 
+bool backward_bulk_reduce() {
+  static const bool on = [] {
+    const char* s = std::getenv("MGD_BWD_BULK_REDUCE");
+    return s == nullptr || std::strcmp(s, "0") != 0;
+  }();
+  return on;
+}
+
 cudaError_t backward(const BackwardCall& c, cudaStream_t stream) {
   if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || c.batch > 65535 || c.heads > 65535)
     return cudaErrorInvalidValue;
@@ -27,7 +38,7 @@ cudaError_t backward(const BackwardCall& c, cudaStream_t stream) {
                      : reinterpret_cast<float*>(ws + stats_bytes(c.batch, c.seq, c.heads));
   BackwardArgs a{c.q,  c.k,  c.v,  c.o, c.do_, c.lse, c.dlse, c.dq, c.dk, c.dv,
                  reinterpret_cast<BwdRowStats*>(ws), accum, c.batch, c.seq, c.heads, c.head_dim,
-                 c.scale, c.causal, c.deterministic};
+                 c.scale, c.causal, c.deterministic, backward_bulk_reduce()};
   const bool bf16 = c.dtype == DType::kBFloat16;
   switch (c.head_dim) {
     case 64:

@@ -31,6 +31,7 @@ struct BackwardArgs {
   float scale;
   bool causal;
   bool deterministic;
+  bool bulk_reduce;  // fused mode: DqMode::kBulk, else kRed
 };
 
 template <class Element, int kHeadDim>
@@ -97,12 +98,49 @@ __global__ void __launch_bounds__(32 * kPreprocessRowsPerBlock)
 }
 
 // ---------------------------------------------------------------------------------
+// Fused dQ: how the key-major kernel adds its dQ partials to the fp32 accumulator.
+// ---------------------------------------------------------------------------------
+// kNone: not at all (the split: the query-major kernel writes dQ).
+// kRed:  each warpgroup's 64 x D partial over its own keys, per-thread red.global.add
+//        into the row-major accumulator [B, H, padded, D].
+// kBulk: 64 x 64 partials staged in shared memory in the wgmma C register order and
+//        added by one cp.reduce.async.bulk per warpgroup into the chunked accumulator
+//        [B, H, padded / 64, D / 64, 64 * 64] (same order); at D=128 warpgroup w takes
+//        columns [64 w, 64 w + 64) over all 128 keys, so one 64 x D reduction per block.
+// Either way the order of the additions, hence the last bits of dQ, vary between runs.
+enum class DqMode { kNone, kRed, kBulk };
+
+constexpr int kDqChunk = 64;                      // rows and columns of one staged partial
+constexpr int kDqChunkFloats = kDqChunk * kDqChunk;
+
+// The product and C layout of one 64 x 64 dQ chunk; the convert pass reads the same layout.
+template <class E>
+using DqChunkMma = decltype(make_tiled_mma(
+    GMMA::ss_op_selector<E, E, float, Shape<Int<kDqChunk>, Int<kDqChunk>, Int<kRowsPerWarpgroup>>,
+                         GMMA::Major::K, GMMA::Major::MN>()));
+
+// Bulk async-group helpers of the issuing thread (PTX ISA: cp.reduce.async.bulk).
+CUTE_DEVICE void bulk_reduce_add_f32(float* gmem, const float* smem, int bytes) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               "cp.async.bulk.commit_group;\n" ::"l"(gmem), "r"(s), "r"(bytes)
+               : "memory");
+}
+// Waits until this thread's bulk operations have finished reading shared memory.
+CUTE_DEVICE void bulk_wait_read_all() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
+// Waits until this thread's bulk operations have completed.
+CUTE_DEVICE void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// Named barriers of the key-major kernel (ids above CUTLASS's reserved ones).
+constexpr int kBarDsWarpgroup = 1;  // + w: one consumer warpgroup's 128 threads
+constexpr int kBarDsBoth = 3;       // both consumer warpgroups: both dS tiles are in smem
+
+// ---------------------------------------------------------------------------------
 // Key-major kernel: dK and dV of 128 keys per CTA.
 // ---------------------------------------------------------------------------------
-// kFuseDQ: the kernel also reduces dQ += dS K into an fp32 accumulator with
-// red.global.add (order of the additions, hence the bits of dQ, vary between runs).
-template <class Cfg, bool kFuseDQ = false>
+template <class Cfg, DqMode kDq = DqMode::kNone>
 struct BwdKeyMajor {
+  static constexpr bool kFuseDQ = kDq != DqMode::kNone;
   using E = typename Cfg::E;
   static constexpr int D = Cfg::D;
   static constexpr int N = Cfg::kQueryBlock;
@@ -127,6 +165,22 @@ struct BwdKeyMajor {
       GMMA::ss_op_selector<E, E, float, Shape<Int<N>, Int<D>, Int<kRowsPerWarpgroup>>,
                            GMMA::Major::K, GMMA::Major::MN>()));
 
+  // Bulk mode: the resident keys as (64 keys, 64 columns, chunk + kDqChunks * warpgroup),
+  // the same bytes as Resident (its SW128 atoms tile rows, then D, then warpgroups), and
+  // their MN-major transpose, the B operand of one 64 x 64 chunk of dQ.
+  static constexpr int kDqChunks = D / kDqChunk;
+  static_assert(kDq != DqMode::kBulk || N == kDqChunk, "one staged chunk per query block");
+  // D=128: each warpgroup takes one column chunk over both warpgroups' keys.
+  static constexpr bool kSplitD = kDq == DqMode::kBulk && kDqChunks == kConsumerWarpgroups;
+  using ResidentChunks = decltype(tile_to_shape(
+      GMMA::Layout_K_SW128_Atom<E>{},
+      Shape<Int<kRowsPerWarpgroup>, Int<kDqChunk>, Int<kDqChunks * kConsumerWarpgroups>>{}));
+  using ResidentChunksT = decltype(composition(
+      ResidentChunks{},
+      make_layout(Shape<Int<kDqChunk>, Int<kRowsPerWarpgroup>, Int<kDqChunks * kConsumerWarpgroups>>{},
+                  Stride<Int<kRowsPerWarpgroup>, _1, Int<kRowsPerWarpgroup * kDqChunk>>{})));
+  static_assert(cosize_v<ResidentChunks> == cosize_v<Resident>);
+
   struct Shared {
     alignas(1024) E k[cosize_v<Resident>];
     alignas(1024) E v[cosize_v<Resident>];
@@ -135,6 +189,8 @@ struct BwdKeyMajor {
     alignas(1024) E ds[kFuseDQ ? cosize_v<DsLayout> : 1];
     alignas(16) BwdRowStats stats[S][N];
     BwdBarriers<S> bar;
+    // Bulk mode: one staged fp32 chunk per consumer warpgroup (bulk copies need 16 B).
+    alignas(128) float dq_stage[kDq == DqMode::kBulk ? kConsumerWarpgroups * kDqChunkFloats : 4];
   };
 
   struct Params {
@@ -153,10 +209,10 @@ struct BwdKeyMajor {
   static constexpr int kResidentBytes = 2 * kRowsPerCta * D * int(sizeof(E));
 };
 
-template <class Cfg, bool kFuseDQ>
+template <class Cfg, DqMode kDq>
 __global__ void __launch_bounds__(kThreads, 1)
-    bwd_dkdv_kernel(CUTE_GRID_CONSTANT typename BwdKeyMajor<Cfg, kFuseDQ>::Params const p) {
-  using K = BwdKeyMajor<Cfg, kFuseDQ>;
+    bwd_dkdv_kernel(CUTE_GRID_CONSTANT typename BwdKeyMajor<Cfg, kDq>::Params const p) {
+  using K = BwdKeyMajor<Cfg, kDq>;
   using E = typename K::E;
   static_assert(sizeof(typename K::Shared) <= kMaxSharedBytes, "shared memory over the sm_90 limit");
   constexpr int D = K::D, N = K::N, S = K::S;
@@ -248,8 +304,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   Tensor cQ = make_identity_tensor(Shape<Int<N>, Int<D>>{});
   Tensor tQcQ = thr_dq.partition_C(cQ);
   const int64_t bh = int64_t(b) * p.heads + h;
+  // Bulk mode: 64 x 64 chunks of dQ from the same dS buffers and the resident keys.
+  DqChunkMma<E> mma_dqc;
+  auto thr_dqc = mma_dqc.get_thread_slice(tid);
+  Tensor sKc = make_tensor(make_smem_ptr(sh.k), typename K::ResidentChunksT{});
+  Tensor tCrDs = thr_dqc.make_fragment_A(thr_dqc.partition_A(sDs));   // (MMA, M, K, buf)
+  Tensor tCrKt = thr_dqc.make_fragment_B(thr_dqc.partition_B(sKc));   // (MMA, 64, K, chunk)
+  float4* stage = reinterpret_cast<float4*>(sh.dq_stage + w * kDqChunkFloats) + tid;
 
   const float scale = p.scale, scale_log2 = p.scale * float(M_LOG2E);
+  const bool key_tail = K::kFuseDQ && key0 + kRowsPerWarpgroup > p.seq;
   cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.resident, 0);
 
   for (int m = m_begin; m < num_m; ++m) {
@@ -258,6 +322,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full[s], (it / S) & 1);
     const int q0 = m * N;
     const bool active = !p.causal || q0 + N - 1 >= key0;
+    // Split D: the dQ product reads both warpgroups' dS, so a masked one contributes zeros.
+    if (K::kSplitD && !active) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(rdS); ++i) rdS(i) = E(0.f);
+    }
     if (active) {
       wgmma<true>(mma_s, tSrK(_, _, _, w), tSrQ(_, _, _, s), accS);
       wgmma<true>(mma_s, tSrV(_, _, _, w), tSrdO(_, _, _, s), accP);
@@ -269,6 +338,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         int col = get<1>(tScS(i));
         float pr = exp2_approx(accS(i) * scale_log2 - st_s[col].lse_log2);
         if (mask && q0 + col < key0 + get<0>(tScS(i))) pr = 0.f;
+        // Keys past T (zero rows of K): P = 0, so dS stays finite where dQ multiplies it.
+        if (key_tail && key0 + get<0>(tScS(i)) >= p.seq) pr = 0.f;
         accS(i) = pr;
         rP(i) = E(pr);
       }
@@ -278,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < size(accS); ++i) {
         rdS(i) = E(scale * accS(i) * (accP(i) - st_s[get<1>(tScS(i))].d));
       }
-      if constexpr (kFuseDQ) {
+      if constexpr (kDq == DqMode::kRed) {
         const int buf = 2 * w + (it & 1);  // double-buffered: reuse two iterations later
         Tensor tSsDsT = thr_s.partition_C(sDsT(_, _, buf));  // this thread's dS^T elements
         CUTE_UNROLL
@@ -298,12 +369,59 @@ __global__ void __launch_bounds__(kThreads, 1)
           atomicAdd(reinterpret_cast<float2*>(acc + row_slot(i) * 8 * D + (i >> 2) * 8),
                     make_float2(accDQ(i), accDQ(i + 1)));
         }
-      } else {
+      } else if constexpr (kDq == DqMode::kNone) {
         wgmma<false>(mma_o, rdS, tOrQt(_, _, _, s), accK);
         warpgroup_wait<0>();
       }
     }
+    if constexpr (kDq == DqMode::kBulk) {
+      if (active || K::kSplitD) {
+        // dS buffers: 2 w + parity; a buffer is rewritten two iterations later, after
+        // both warpgroups passed the next iteration's barrier, so its readers are done.
+        const int par = it & 1;
+        Tensor tSsDsT = thr_s.partition_C(sDsT(_, _, 2 * w + par));
+        CUTE_UNROLL
+        for (int i = 0; i < size(rdS); ++i) tSsDsT(i) = rdS(i);
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by wgmma
+        if (tid == 0) bulk_wait_read_all();        // the last reduce has read the stage
+        if constexpr (K::kSplitD) {
+          cutlass::arch::NamedBarrier::sync(128 * kConsumerWarpgroups, kBarDsBoth);
+        } else {
+          cutlass::arch::NamedBarrier::sync(128, kBarDsWarpgroup + w);
+        }
+        if (active) {
+          wgmma<false>(mma_o, rdS, tOrQt(_, _, _, s), accK);
+          // D=128: rdS is free before the dQ accumulator is live (else ptxas serializes wgmma)
+          if constexpr (D == 128) warpgroup_wait<0>();
+        }
+        Tensor accDQ = partition_fragment_C(mma_dqc, Shape<Int<kDqChunk>, Int<kDqChunk>>{});
+        if constexpr (K::kSplitD) {  // columns [64 w, 64 w + 64) over all 128 keys
+          wgmma<true>(mma_dqc, tCrDs(_, _, _, par), tCrKt(_, _, _, w), accDQ);
+          wgmma<false>(mma_dqc, tCrDs(_, _, _, 2 + par), tCrKt(_, _, _, w + K::kDqChunks), accDQ);
+        } else {  // D=64: all columns over this warpgroup's keys
+          wgmma<true>(mma_dqc, tCrDs(_, _, _, 2 * w + par), tCrKt(_, _, _, w), accDQ);
+        }
+        warpgroup_wait<0>();
+        // Register order (conflict-free 16 B stores); the convert pass reads this order.
+        CUTE_UNROLL
+        for (int v = 0; v < size(accDQ) / 4; ++v) {
+          stage[v * 128] = make_float4(accDQ(4 * v), accDQ(4 * v + 1), accDQ(4 * v + 2),
+                                       accDQ(4 * v + 3));
+        }
+        cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by the bulk op
+        cutlass::arch::NamedBarrier::sync(128, kBarDsWarpgroup + w);
+        if (tid == 0) {
+          const int chunk = K::kSplitD ? w : 0;
+          float* dst = p.dq_accum +
+                       ((bh * (p.padded / kDqChunk) + m) * K::kDqChunks + chunk) * kDqChunkFloats;
+          bulk_reduce_add_f32(dst, sh.dq_stage + w * kDqChunkFloats, kDqChunkFloats * 4);
+        }
+      }
+    }
     cutlass::arch::ClusterBarrier::arrive(&sh.bar.empty[s]);
+  }
+  if constexpr (kDq == DqMode::kBulk) {
+    if (tid == 0) bulk_wait_all();  // shared memory stays allocated until the reads are done
   }
 
   store_rows<E, D>(accK, tOcO, p.gk, p.seq, p.heads, b, h, key0);
@@ -487,6 +605,36 @@ __global__ void bwd_dq_convert_kernel(const float* __restrict__ accum, E* __rest
   dq[i + 1] = E(x.y);
   dq[i + 2] = E(x.z);
   dq[i + 3] = E(x.w);
+}
+
+// Bulk mode's postprocess: one CTA of 128 threads per 64 x 64 chunk of the chunked
+// accumulator; thread t reads its 32 values (16 B loads, coalesced) and places them by
+// the C layout of DqChunkMma, the order the key-major kernel staged them in.
+template <class E, int D>
+__global__ void __launch_bounds__(128)
+    bwd_dq_convert_chunks_kernel(const float* __restrict__ accum, E* __restrict__ dq, int seq,
+                                 int heads, int padded) {
+  constexpr int C = D / kDqChunk;
+  const int m = blockIdx.x / C, c = blockIdx.x % C;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int t = threadIdx.x;
+  const float4* chunk = reinterpret_cast<const float4*>(
+      accum + (((int64_t(b) * heads + h) * (padded / kDqChunk) + m) * C + c) * kDqChunkFloats);
+  DqChunkMma<E> mma;
+  auto thr = mma.get_thread_slice(t);
+  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kDqChunk>, Int<kDqChunk>>{}));
+  static_assert(decltype(size(coord))::value * 128 == kDqChunkFloats);
+  E* base = dq + (int64_t(b) * seq * heads + h) * D + c * kDqChunk;
+  CUTE_UNROLL
+  for (int v = 0; v < size(coord) / 4; ++v) {
+    const float4 x = chunk[v * 128 + t];
+    const float val[4] = {x.x, x.y, x.z, x.w};
+    CUTE_UNROLL
+    for (int j = 0; j < 4; ++j) {
+      const int row = m * kDqChunk + get<0>(coord(4 * v + j));
+      if (row < seq) base[int64_t(row) * heads * D + get<1>(coord(4 * v + j))] = E(val[j]);
+    }
+  }
 }
 
 }  // namespace mgd

@@ -32,6 +32,19 @@ cudaError_t launch_bwd_main(Kernel kernel, const Params& params, int smem_bytes,
   return cudaGetLastError();
 }
 
+// Fused mode's key-major kernel (dK, dV and the dQ partials), reducing by kDq.
+template <class Cfg, DqMode kDq>
+cudaError_t launch_fused(const BackwardArgs& a, cudaStream_t stream) {
+  using K = BwdKeyMajor<Cfg, kDq>;
+  constexpr int R = kRowsPerWarpgroup;
+  const int Bn = a.batch, T = a.seq, H = a.heads;
+  typename K::Params p{make_row_tma<Cfg, R>(a.k, Bn, T, H),    make_row_tma<Cfg, R>(a.v, Bn, T, H),
+                       make_row_tma<Cfg, K::N>(a.q, Bn, T, H), make_row_tma<Cfg, K::N>(a.do_, Bn, T, H),
+                       a.stats, a.dq_accum, a.dk, a.dv, Bn, T, H, padded_rows(T), a.scale, a.causal};
+  BwdNvtxRange range(kDq == DqMode::kBulk ? "mgd_bwd_dkdv_dq_fused_bulk" : "mgd_bwd_dkdv_dq_fused", a);
+  return launch_bwd_main(bwd_dkdv_kernel<Cfg, kDq>, p, int(sizeof(typename K::Shared)), a, stream);
+}
+
 template <class E, int D>
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   using Cfg = BwdConfig<E, D>;
@@ -52,17 +65,16 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     const size_t accum_bytes = size_t(Bn) * H * padded * D * sizeof(float);
     cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, accum_bytes, stream);
     if (err != cudaSuccess) return err;
-    using K = BwdKeyMajor<Cfg, true>;
-    typename K::Params p{make_row_tma<Cfg, R>(a.k, Bn, T, H),    make_row_tma<Cfg, R>(a.v, Bn, T, H),
-                         make_row_tma<Cfg, K::N>(a.q, Bn, T, H), make_row_tma<Cfg, K::N>(a.do_, Bn, T, H),
-                         a.stats, a.dq_accum, a.dk, a.dv, Bn, T, H, padded, a.scale, a.causal};
-    {
-      BwdNvtxRange range("mgd_bwd_dkdv_dq_fused", a);
-      err = launch_bwd_main(bwd_dkdv_kernel<Cfg, true>, p, int(sizeof(typename K::Shared)), a,
-                            stream);
-      if (err != cudaSuccess) return err;
-    }
+    err = a.bulk_reduce ? launch_fused<Cfg, DqMode::kBulk>(a, stream)
+                        : launch_fused<Cfg, DqMode::kRed>(a, stream);
+    if (err != cudaSuccess) return err;
     BwdNvtxRange range("mgd_bwd_dq_convert", a);
+    if (a.bulk_reduce) {
+      dim3 grid(padded / kDqChunk * (D / kDqChunk), H, Bn);
+      bwd_dq_convert_chunks_kernel<E, D><<<grid, 128, 0, stream>>>(
+          a.dq_accum, static_cast<E*>(a.dq), T, H, padded);
+      return cudaGetLastError();
+    }
     const int64_t threads = int64_t(Bn) * T * H * D / 4;
     const int block = 256;
     bwd_dq_convert_kernel<E, D><<<unsigned((threads + block - 1) / block), block, 0, stream>>>(
@@ -70,12 +82,12 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     return cudaGetLastError();
   }
   {
-    using K = BwdKeyMajor<Cfg, false>;
+    using K = BwdKeyMajor<Cfg, DqMode::kNone>;
     typename K::Params p{make_row_tma<Cfg, R>(a.k, Bn, T, H),    make_row_tma<Cfg, R>(a.v, Bn, T, H),
                          make_row_tma<Cfg, K::N>(a.q, Bn, T, H), make_row_tma<Cfg, K::N>(a.do_, Bn, T, H),
                          a.stats, nullptr, a.dk, a.dv, Bn, T, H, padded, a.scale, a.causal};
     BwdNvtxRange range("mgd_bwd_dkdv", a);
-    cudaError_t err = launch_bwd_main(bwd_dkdv_kernel<Cfg, false>, p,
+    cudaError_t err = launch_bwd_main(bwd_dkdv_kernel<Cfg, DqMode::kNone>, p,
                                       int(sizeof(typename K::Shared)), a, stream);
     if (err != cudaSuccess) return err;
   }

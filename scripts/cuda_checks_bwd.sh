@@ -3,8 +3,9 @@
 #   export CMAKE_ARGS=-DMGD_BUILD_DRIVER=ON
 #   source scripts/device_setup.sh && MGD_BUILD_DIR=build/device scripts/cuda_checks_bwd.sh
 # Everything it writes goes under $OUT:
-#   bwd_sass.txt       HGMMA / UTMALDG / LDL-STL counts per backward kernel
-#   bwd_driver.log     every output written and finite, two runs bitwise identical; timing
+#   bwd_sass.txt       HGMMA / UTMALDG / LDL-STL / UBLKRED / REDG counts per backward kernel
+#   bwd_driver.log     every output written and finite, two runs bitwise identical, fused
+#                      (bulk and red) against deterministic; timing of the three
 #   bwd_pytest.log     tests/test_cuda_backward.py and the grad-of-grad test of test_cuda.py
 #   bwd_timing.log     impl cuda's backward against Pallas and cuDNN through JAX
 #   bwd_sanitizer.log  compute-sanitizer memcheck and racecheck on small shapes
@@ -18,29 +19,38 @@ DRV=$BUILD/kernels/bwd_driver
 STEPS=${MGD_BWD_STEPS:-"sass driver pytest timing sanitizer"}
 LENGTHS=${MGD_TIMING_LENGTHS:-"1024 2048 4096 8192 16384 32768"}
 
+is_fused() { set -- $1; [ "${9:-0}" = 1 ]; }  # driver args: the 9th is fused
+
 for step in $STEPS; do
   case $step in
   sass)
     LIB=$(find $BUILD -name 'libmgd_cuda.so' | head -1)
     cuobjdump --dump-sass "$LIB" 2>/dev/null |
       awk '/Function :/ {name=$3} /HGMMA/ {h[name]++} /UTMALDG/ {t[name]++} /LDL|STL/ {l[name]++}
-           END {for (n in h) if (n ~ /bwd_/) printf "%-90s HGMMA %4d UTMALDG %3d LDL/STL %3d\n", n, h[n], t[n], l[n]}' |
+           /UBLKRED/ {u[name]++} /REDG/ {r[name]++}
+           END {for (n in h) if (n ~ /bwd_/) printf "%-90s HGMMA %4d UTMALDG %3d LDL/STL %3d UBLKRED %d REDG %d\n", n, h[n], t[n], l[n], u[n], r[n]}' |
       tee "$OUT/bwd_sass.txt" ;;
   driver)
     {
       for args in "1 1 1 64 1 0" "2 65 3 64 0 0 0 1" "1 200 2 128 1 0 0 1" "1 257 2 128 0 1" \
                   "1 1000 3 64 1 1 0 1" "2 4096 4 128 1 0" "1 1 1 64 1 0 0 0 1" "2 65 3 64 0 0 0 1 1" \
-                  "1 200 2 128 1 0 0 1 1" "1 1000 3 64 1 1 0 1 1" "2 4096 4 128 1 0 0 0 1"; do
-        timeout 15 $DRV $args; rc=$?
-        [ $rc -ne 0 ] && echo "FAILED (rc $rc): $args"
-        [ $rc -eq 124 ] && { echo "kernel hangs: stopping the checks here"; exit 1; }
+                  "1 200 2 128 1 0 0 1 1" "1 1000 3 64 1 1 0 1 1" "2 4096 4 128 1 0 0 0 1" \
+                  "1 333 2 128 0 1 0 0 1"; do
+        for bulk in 1 0; do
+          [ $bulk = 0 ] && ! is_fused "$args" && continue  # fused cases with both reductions
+          MGD_BWD_BULK_REDUCE=$bulk timeout 15 $DRV $args; rc=$?
+          [ $rc -ne 0 ] && echo "FAILED (rc $rc): MGD_BWD_BULK_REDUCE=$bulk $args"
+          [ $rc -eq 124 ] && { echo "kernel hangs: stopping the checks here"; exit 1; }
+        done
       done
       echo "-- timing (CUDA events, bf16, causal, B=1; 5 products halved)"
       for hd in "12 64" "16 128"; do
         set -- $hd
         for t in $LENGTHS; do
           timeout 30 $DRV 1 $t $1 $2 1 0 20 0 0 | tail -1 | sed "s/^/T=$t H=$1 D=$2 deterministic: /"
-          timeout 30 $DRV 1 $t $1 $2 1 0 20 0 1 | tail -1 | sed "s/^/T=$t H=$1 D=$2 fused:         /"
+          timeout 60 $DRV 1 $t $1 $2 1 0 20 0 1 | tail -1 | sed "s/^/T=$t H=$1 D=$2 fused bulk:    /"
+          MGD_BWD_BULK_REDUCE=0 timeout 60 $DRV 1 $t $1 $2 1 0 20 0 1 | tail -1 |
+            sed "s/^/T=$t H=$1 D=$2 fused red:     /"
         done
       done
     } 2>&1 | tee "$OUT/bwd_driver.log"
@@ -55,9 +65,14 @@ for step in $STEPS; do
   sanitizer)
     {
       for tool in memcheck racecheck; do
-        for args in "1 130 1 128 1 0 0 1" "1 70 2 64 0 1" "1 130 1 128 1 0 0 1 1" "1 70 2 64 0 1 0 0 1"; do
-          echo "-- $tool $args"
-          timeout 60 compute-sanitizer --tool $tool --print-limit 10 $DRV $args 2>&1 | tail -3
+        for args in "1 130 1 128 1 0 0 1" "1 70 2 64 0 1" "1 130 1 128 1 0 0 1 1" "1 70 2 64 0 1 0 0 1" \
+                    "1 200 2 128 0 0 0 0 1" "1 200 2 64 1 0 0 0 1"; do
+          for bulk in 1 0; do
+            [ $bulk = 0 ] && ! is_fused "$args" && continue
+            echo "-- $tool MGD_BWD_BULK_REDUCE=$bulk $args"
+            MGD_BWD_BULK_REDUCE=$bulk timeout 60 compute-sanitizer --tool $tool --print-limit 10 \
+              $DRV $args 2>&1 | tail -3
+          done
         done
       done
     } 2>&1 | tee "$OUT/bwd_sanitizer.log" ;;
