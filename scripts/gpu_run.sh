@@ -40,6 +40,9 @@
 #             sections): every schedule against float64 and bitwise against each other,
 #             timings, sanitizers; a failed or hung persistent schedule turns it off
 #             (MGD_FWD_PERSISTENT=0) for the parts after it, and says so
+#   bwd       our backward's device checks (scripts/cuda_checks_bwd.sh, steps $MGD_BWD_STEPS,
+#             default "sass driver": every mode and reduction written, finite, fused against
+#             split, timings); bwdsan: its compute-sanitizer step
 #   profile   one metagradient round kernel by kernel (experiments/lean_round/profile_round.py)
 #             for each of $MGD_PROFILE_IMPLS (cuda pallas standin) at $MGD_PROFILE_SHAPE (e2e:16384)
 # (docs/gpu-runs.md says what each part needs and returns.)
@@ -318,6 +321,20 @@ part_fwd() {
   tail -n 12 "$OUT/fwd/fwd_sanitizer.log" 2>/dev/null
 }
 
+part_bwd() {
+  capped ${MGD_BWD_CAP_S:-120} 30 "backward checks" env OUT="$OUT/bwd" MGD_BUILD_DIR="${MGD_BUILD_DIR:-build/device}" \
+    MGD_BWD_STEPS="${MGD_BWD_STEPS:-sass driver}" MGD_TIMING_LENGTHS="${MGD_BWD_T:-8192 16384}" \
+    bash scripts/cuda_checks_bwd.sh > "$OUT/bwd_checks.log" 2>&1
+  stamp "backward checks: $(grep -c FAILED "$OUT/bwd/bwd_driver.log" 2>/dev/null) failed lines"
+  grep -h "TFLOP\|agree\|FAILED\|hangs" "$OUT/bwd/bwd_driver.log" 2>/dev/null | tail -n 24
+}
+
+part_bwdsan() {
+  capped ${MGD_BWDSAN_CAP_S:-150} 30 "backward sanitizers" env OUT="$OUT/bwd" MGD_BUILD_DIR="${MGD_BUILD_DIR:-build/device}" \
+    MGD_BWD_STEPS=sanitizer bash scripts/cuda_checks_bwd.sh > "$OUT/bwd_sanitizer_stdout.log" 2>&1
+  grep -h "ERROR SUMMARY\|^--" "$OUT/bwd/bwd_sanitizer.log" 2>/dev/null | paste - - | tail -n 30
+}
+
 part_profile() {
   local impl
   for impl in ${MGD_PROFILE_IMPLS:-cuda pallas standin}; do
@@ -331,8 +348,8 @@ part_profile() {
 parts=${*:-tune tests bench e2e nvtx oracle demo}
 for part in $parts; do
   case $part in
-    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round|bars|drivers|ncu|profile|fwd) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round bars drivers ncu profile fwd)"; exit 2 ;;
+    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round|bars|drivers|ncu|profile|fwd|bwd|bwdsan) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round bars drivers ncu profile fwd bwd bwdsan)"; exit 2 ;;
   esac
 done
 
