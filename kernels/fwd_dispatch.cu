@@ -8,11 +8,8 @@ template <class E, int D>
 cudaError_t launch_forward(const ForwardCall& c, cudaStream_t stream);
 
 cudaError_t attention_forward(const ForwardCall& c, cudaStream_t stream) {
-  // Tiles are numbered in int up to 3 x their count (FwdSchedule); the one-tile-per-CTA
-  // grid has y <= 65535.
-  const int64_t num_m = (int64_t(c.seq) + kRowsPerCta - 1) / kRowsPerCta;
-  if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || !(c.scale > 0.f) ||
-      int64_t(c.batch) * c.heads * num_m > (int64_t(1) << 29) || num_m > 65535)
+  // Tile-count limits depend on the rows per tile: launch_forward checks them.
+  if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || !(c.scale > 0.f))
     return cudaErrorInvalidValue;
   const bool bf16 = c.dtype == DType::kBFloat16;
   switch (c.head_dim) {

@@ -13,7 +13,7 @@ CUTE_DEVICE void fwd_epilogue(FwdParams<Cfg> const& p, FwdTile const& t, int w, 
   constexpr int D = Cfg::D, R = kRowsPerWarpgroup;
   typename Cfg::MmaO mma_o;
   Tensor tOcO = mma_o.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<R>, Int<D>>{}));
-  const int row0 = t.m_blk * kRowsPerCta + w * R;
+  const int row0 = t.m_blk * Cfg::kRowsPerCta + w * R;
 
   float inv[2], lse[2];
   CUTE_UNROLL

@@ -1,6 +1,6 @@
-// The forward kernel: one producer warpgroup (TMA, 24 registers) and two consumer
-// warpgroups (wgmma, 240 registers), 128 query rows per tile; each CTA runs its tiles of
-// fwd_schedule in order. See kernels/DESIGN.md.
+// The forward kernel: one producer warpgroup (TMA, 24 registers) and Cfg::kConsumerWGs
+// consumer warpgroups (wgmma; 2 x 240 registers at D=128, 3 x 160 at D=64), 64 query rows
+// each per tile; each CTA runs its tiles of fwd_schedule in order. See kernels/DESIGN.md.
 #pragma once
 
 #include "fwd_epilogue.cuh"
@@ -9,7 +9,7 @@
 namespace mgd {
 
 template <class Cfg>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
     fwd_kernel(CUTE_GRID_CONSTANT FwdParams<Cfg> const p) {
   static_assert(sizeof(FwdShared<Cfg>) <= kMaxSharedBytes, "shared memory over the sm_90 limit");
   extern __shared__ __align__(1024) char smem_raw[];
@@ -21,15 +21,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (wg == 0) {
-    cutlass::arch::warpgroup_reg_dealloc<kProducerRegisters>();
+    cutlass::arch::warpgroup_reg_dealloc<Cfg::kProducerRegisters>();
     if (threadIdx.x == 0) fwd_produce(p, sh, sched);
   } else {
-    cutlass::arch::warpgroup_reg_alloc<kConsumerRegisters>();
+    cutlass::arch::warpgroup_reg_alloc<Cfg::kConsumerRegisters>();
     const int w = wg - 1, tid = threadIdx.x % 128;
     typename Cfg::MmaO mma_o;
     Tensor accO = partition_fragment_C(mma_o, Shape<Int<kRowsPerWarpgroup>, Int<Cfg::D>>{});
-    // Ping-pong: warpgroup 0 takes the first turn.
-    if (p.pingpong && w == 1) turn_pass(w);
+    // Ping-pong: warpgroup 0 takes the first turn, passed by the last one.
+    if (p.pingpong && w == Cfg::kConsumerWGs - 1) turn_pass<Cfg::kConsumerWGs>(w);
     uint32_t g0 = 0;  // K/V blocks consumed so far (ring positions)
     for (int j = 0, i = sched.tile(0); i < sched.count; ++j) {
       const int next = sched.tile(j + 1);

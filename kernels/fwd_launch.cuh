@@ -63,6 +63,11 @@ template <class E, int D>
 cudaError_t launch_forward(const ForwardCall& c, cudaStream_t stream) {
   using Cfg = FwdConfig<E, D>;
   using Tiles = typename Cfg::Tiles;
+  // Tiles are numbered in int up to 3 x their count (FwdSchedule); the one-tile-per-CTA
+  // grid has y <= 65535.
+  const int64_t tiles_m = (int64_t(c.seq) + Cfg::kRowsPerCta - 1) / Cfg::kRowsPerCta;
+  if (int64_t(c.batch) * c.heads * tiles_m > (int64_t(1) << 29) || tiles_m > 65535)
+    return cudaErrorInvalidValue;
   FwdParams<Cfg> p{make_row_tma<Tiles, kRowsPerWarpgroup>(c.q, c.batch, c.seq, c.heads),
                    make_row_tma<Tiles, Cfg::N>(c.k, c.batch, c.seq, c.heads),
                    make_row_tma<Tiles, Cfg::N>(c.v, c.batch, c.seq, c.heads),
@@ -71,17 +76,19 @@ cudaError_t launch_forward(const ForwardCall& c, cudaStream_t stream) {
   const int smem = int(sizeof(FwdShared<Cfg>));
   cudaError_t err = opt_in_shared_memory(fwd_kernel<Cfg>, smem);
   if (err != cudaSuccess) return err;
-  const int num_bh = c.batch * c.heads, num_m = (c.seq + kRowsPerCta - 1) / kRowsPerCta;
+  const int num_bh = c.batch * c.heads;
+  const int num_m = (c.seq + Cfg::kRowsPerCta - 1) / Cfg::kRowsPerCta;
   dim3 grid(num_bh, num_m);
   if (fwd_persistent()) {
-    // One CTA per SM (1 fits: 384 threads at 168 registers); tile order in fwd_schedule.
+    // One CTA per SM (1 fits: 384 threads at 168 registers, or 512 at 128, at entry);
+    // tile order in fwd_schedule.
     int ctas = 0;
     err = fwd_sm_count(&ctas);
     if (err != cudaSuccess) return err;
     if (fwd_max_ctas() > 0) ctas = std::min(ctas, fwd_max_ctas());
     grid = dim3(std::min(int64_t(ctas), int64_t(num_bh) * num_m), 1);
   }
-  fwd_kernel<Cfg><<<grid, kThreads, smem, stream>>>(p);
+  fwd_kernel<Cfg><<<grid, Cfg::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

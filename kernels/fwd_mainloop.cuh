@@ -1,12 +1,17 @@
 // Forward of attention with log-sum-exp: tile configuration, shared storage, the TMA
 // producer and the consumer main loop (S = Q K^T, online softmax, O += P V).
-// A CTA runs 128-query-row tiles one after another (one tile unless persistent): two
-// consumer warpgroups of 64 rows each, fed by one producer thread through two Q buffers,
-// a K ring and a V ring of mbarrier-guarded stages.
+// A CTA runs tiles of Cfg::kRowsPerCta query rows one after another (one tile unless
+// persistent): Cfg::kConsumerWGs consumer warpgroups of 64 rows each, fed by one producer
+// thread through two Q buffers, a K ring and a V ring of mbarrier-guarded stages.
 #pragma once
 
 #include "dbwd_common.cuh"
 #include "fwd_softmax.cuh"
+
+// 0 keeps D=64 on two consumer warpgroups (128-row tiles), as D=128.
+#ifndef MGD_FWD_D64_THREE_WG
+#define MGD_FWD_D64_THREE_WG 1
+#endif
 
 namespace mgd {
 
@@ -15,16 +20,25 @@ struct FwdConfig {
   using Tiles = TileConfig<Element, kHeadDim>;
   using E = Element;
   static constexpr int D = kHeadDim;
-  // 128-key blocks: a 64 x 128 score tile is 64 fp32 registers per thread, which
-  // leaves room for the D-wide O accumulator and the bf16 copy of P at 240 registers.
+  // D=64: three consumer warpgroups (192-row tiles), so that more score rows share each
+  // K/V block and one warpgroup's softmax hides behind two others' short (K = 64) products.
+  static constexpr int kConsumerWGs = kHeadDim == 64 && MGD_FWD_D64_THREE_WG ? 3 : 2;
+  static constexpr int kRowsPerCta = kRowsPerWarpgroup * kConsumerWGs;
+  static constexpr int kThreads = 128 * (kConsumerWGs + 1);
+  // setmaxnreg budgets: 128 * (24 + kConsumerWGs * consumer) <= 65536 registers of one SM.
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = kConsumerWGs == 3 ? 160 : 240;
+  static_assert(128 * (kProducerRegisters + kConsumerWGs * kConsumerRegisters) <= 65536);
+  // 128-key blocks: a 64 x 128 score tile is 64 fp32 registers per thread, which leaves
+  // room for the D-wide O accumulator and the bf16 copy of P (160 at D=64, 240 at D=128).
   static constexpr int N = 128;
-  // Stages of the K and V rings: 2 x Q (64 KB) + 2 x (K + V) (128 KB) at D = 128.
-  static constexpr int kStages = kHeadDim == 128 ? 2 : 3;
+  // Stages of the K and V rings: 2 x Q (64 KB) + 2 x (K + V) (128 KB) at D = 128;
+  // 2 x Q (48 KB) + 4 x (K + V) (128 KB) at D = 64 with 192-row tiles.
+  static constexpr int kStages = kHeadDim == 128 ? 2 : kConsumerWGs == 3 ? 4 : 3;
   // Two Q buffers, so that the next tile's Q loads while this tile still reads its own.
   static constexpr int kQBuffers = 2;
-  // Slot kConsumerWarpgroups * buffer + warpgroup holds one warpgroup's 64 rows.
-  using SmemQ =
-      typename Tiles::template Smem<kRowsPerWarpgroup, kConsumerWarpgroups * kQBuffers>;
+  // Slot kConsumerWGs * buffer + warpgroup holds one warpgroup's 64 rows.
+  using SmemQ = typename Tiles::template Smem<kRowsPerWarpgroup, kConsumerWGs * kQBuffers>;
   using SmemKV = typename Tiles::template Smem<N, kStages>;
   using SmemVt = typename Tiles::template SmemT<N, kStages>;
   using TmaQ = RowTma<Tiles, kRowsPerWarpgroup>;
@@ -37,7 +51,7 @@ struct FwdConfig {
 
 // K and V have separate rings so that a K stage is handed back as soon as its
 // Q K^T is done, while the V stage of the same block is still being read by P V.
-template <int kStages, int kQBuffers>
+template <int kStages, int kQBuffers, int kConsumers>
 struct FwdBarriers {
   uint64_t full_k[kStages], empty_k[kStages];
   uint64_t full_v[kStages], empty_v[kStages];
@@ -47,12 +61,12 @@ struct FwdBarriers {
     for (int s = 0; s < kStages; ++s) {
       cutlass::arch::ClusterTransactionBarrier::init(&full_k[s], 1);
       cutlass::arch::ClusterTransactionBarrier::init(&full_v[s], 1);
-      cutlass::arch::ClusterBarrier::init(&empty_k[s], 128 * kConsumerWarpgroups);
-      cutlass::arch::ClusterBarrier::init(&empty_v[s], 128 * kConsumerWarpgroups);
+      cutlass::arch::ClusterBarrier::init(&empty_k[s], 128 * kConsumers);
+      cutlass::arch::ClusterBarrier::init(&empty_v[s], 128 * kConsumers);
     }
     for (int b = 0; b < kQBuffers; ++b) {
       cutlass::arch::ClusterTransactionBarrier::init(&full_q[b], 1);
-      cutlass::arch::ClusterBarrier::init(&empty_q[b], 128 * kConsumerWarpgroups);
+      cutlass::arch::ClusterBarrier::init(&empty_q[b], 128 * kConsumers);
     }
   }
 };
@@ -63,7 +77,7 @@ struct FwdShared {
   alignas(1024) E q[cosize_v<typename Cfg::SmemQ>];
   alignas(1024) E k[cosize_v<typename Cfg::SmemKV>];
   alignas(1024) E v[cosize_v<typename Cfg::SmemKV>];
-  FwdBarriers<Cfg::kStages, Cfg::kQBuffers> bar;
+  FwdBarriers<Cfg::kStages, Cfg::kQBuffers, Cfg::kConsumerWGs> bar;
 };
 
 template <class Cfg>
@@ -75,12 +89,12 @@ struct FwdParams {
   int batch, seq, heads;
   float scale;
   bool causal;
-  // The two consumer warpgroups take turns issuing their products (named barriers),
-  // so that one warpgroup's softmax runs while the other's products occupy the tensor cores.
+  // The consumer warpgroups take turns issuing their products (named barriers), so that
+  // one warpgroup's softmax runs while the others' products occupy the tensor cores.
   bool pingpong;
 };
 
-// One tile: 128 query rows of one (batch, head) and its key-block range.
+// One tile: Cfg::kRowsPerCta query rows of one (batch, head) and its key-block range.
 struct FwdTile {
   int b, h, m_blk, n_end;
 };
@@ -90,14 +104,14 @@ template <class Cfg>
 CUTE_DEVICE FwdTile fwd_tile(FwdParams<Cfg> const& p, int i) {
   FwdTile t;
   const int num_bh = p.batch * p.heads;
-  const int num_m = (p.seq + kRowsPerCta - 1) / kRowsPerCta;
+  const int num_m = (p.seq + Cfg::kRowsPerCta - 1) / Cfg::kRowsPerCta;
   const int m_idx = i / num_bh, bh = i - m_idx * num_bh;
   // Under causal masking the last query blocks see the most keys: run them first.
   t.m_blk = p.causal ? num_m - 1 - m_idx : m_idx;
   t.h = bh % p.heads;
   t.b = bh / p.heads;
   const int num_n = (p.seq + Cfg::N - 1) / Cfg::N;
-  t.n_end = p.causal ? min(num_n, ((t.m_blk + 1) * kRowsPerCta + Cfg::N - 1) / Cfg::N) : num_n;
+  t.n_end = p.causal ? min(num_n, ((t.m_blk + 1) * Cfg::kRowsPerCta + Cfg::N - 1) / Cfg::N) : num_n;
   return t;
 }
 
@@ -107,13 +121,13 @@ CUTE_DEVICE FwdTile fwd_tile(FwdParams<Cfg> const& p, int i) {
 // grid is (B * H, query blocks), where round 0 is the only one.
 struct FwdSchedule {
   int c, ctas, count;
-  // Increasing in r; int is enough for count <= 2^29 (fwd_dispatch.cu).
+  // Increasing in r; int is enough for count <= 2^29 (launch_forward).
   CUTE_DEVICE int tile(int r) const { return r * ctas + ((r & 1) ? ctas - 1 - c : c); }
 };
 
 template <class Cfg>
 CUTE_DEVICE FwdSchedule fwd_schedule(FwdParams<Cfg> const& p) {
-  const int num_m = (p.seq + kRowsPerCta - 1) / kRowsPerCta;
+  const int num_m = (p.seq + Cfg::kRowsPerCta - 1) / Cfg::kRowsPerCta;
   return {int(blockIdx.x + blockIdx.y * gridDim.x), int(gridDim.x * gridDim.y),
           p.batch * p.heads * num_m};
 }
@@ -136,10 +150,10 @@ CUTE_DEVICE void fwd_produce(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdSch
     const int qb = j % Cfg::kQBuffers;
     cutlass::arch::ClusterBarrier::wait(&sh.bar.empty_q[qb], ((j / Cfg::kQBuffers) & 1) ^ 1);
     cutlass::arch::ClusterTransactionBarrier::arrive_and_expect_tx(&sh.bar.full_q[qb], Cfg::kQBytes);
-    for (int w = 0; w < kConsumerWarpgroups; ++w) {
-      int blk = t.m_blk * kConsumerWarpgroups + w;
+    for (int w = 0; w < Cfg::kConsumerWGs; ++w) {
+      int blk = t.m_blk * Cfg::kConsumerWGs + w;
       tma_load_rows<kRowsPerWarpgroup, D>(p.tma_q, sQ, &sh.bar.full_q[qb], p.batch, p.seq, p.heads,
-                                          t.b, t.h, blk, qb * kConsumerWarpgroups + w);
+                                          t.b, t.h, blk, qb * Cfg::kConsumerWGs + w);
     }
     for (int n = 0; n < t.n_end; ++n) {
       cutlass::arch::ClusterBarrier::wait(&sh.bar.empty_k[s], phase ^ 1);
@@ -153,12 +167,16 @@ CUTE_DEVICE void fwd_produce(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdSch
   }
 }
 
-// Named barriers 1 and 2 (0 is __syncthreads): "consumer warpgroup w may issue".
+// Named barrier 1 + w (0 is __syncthreads): "consumer warpgroup w may issue"; synced by
+// w's 128 threads, arrived at by the 128 of the warpgroup before it in the round robin.
 CUTE_DEVICE void turn_wait(int w) {
   asm volatile("bar.sync %0, %1;" ::"r"(1 + w), "r"(256) : "memory");
 }
+// Hands the turn to warpgroup (w + 1) % kWGs.
+template <int kWGs>
 CUTE_DEVICE void turn_pass(int w) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(2 - w), "r"(256) : "memory");
+  const int next = kWGs == 2 ? 1 - w : (w + 1 == kWGs ? 0 : w + 1);
+  asm volatile("bar.arrive %0, %1;" ::"r"(1 + next), "r"(256) : "memory");
 }
 
 // Sets score entries a row may not see to -inf: keys past T, and under causal
@@ -204,7 +222,7 @@ CUTE_DEVICE void fwd_consume(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdTil
   // in the same order, so P converts element by element.
   static_assert(decltype(size(rP))::value == decltype(size(accS))::value);
 
-  const int row0 = t.m_blk * kRowsPerCta + w * R;
+  const int row0 = t.m_blk * Cfg::kRowsPerCta + w * R;
   const float scale_log2 = p.scale * float(M_LOG2E);
   auto needs_mask = [&](int n) {
     int col0 = n * N;
@@ -217,15 +235,19 @@ CUTE_DEVICE void fwd_consume(FwdParams<Cfg> const& p, FwdShared<Cfg>& sh, FwdTil
   auto stage = [](uint32_t g) { return int(g % S); };
   auto parity = [](uint32_t g) { return (g / S) & 1; };
 
-  // Ping-pong: the turn alternates strictly between the warpgroups over all of the CTA's
-  // tiles (warpgroup 1 passed the first turn before its first tile); warpgroup 1 keeps
-  // its last turn of the CTA's last tile, so that every arrival is matched by a wait.
+  // Ping-pong: the turn goes round robin 0, 1, .., kConsumerWGs - 1, 0, .. over all of the
+  // CTA's tiles (every warpgroup issues n_end + 1 times per tile; the last warpgroup passed
+  // the first turn before its first tile and keeps its last turn of the CTA's last tile,
+  // so that every arrival is matched by a wait).
+  constexpr int kWGs = Cfg::kConsumerWGs;
   const bool pp = p.pingpong;
   auto issue_begin = [&]() { if (pp) turn_wait(w); };
-  auto issue_end = [&](bool last) { if (pp && !(last && last_tile && w == 1)) turn_pass(w); };
+  auto issue_end = [&](bool last) {
+    if (pp && !(last && last_tile && w == kWGs - 1)) turn_pass<kWGs>(w);
+  };
 
   const int qb = int(j % Cfg::kQBuffers);
-  const int qslot = qb * kConsumerWarpgroups + w;
+  const int qslot = qb * kWGs + w;
   clear(accO);
   cutlass::arch::ClusterTransactionBarrier::wait(&sh.bar.full_q[qb], (j / Cfg::kQBuffers) & 1);
 

@@ -47,7 +47,8 @@ def test_forward_on_cpu_names_the_gpu_and_delegates():
 
 # ----------------------------------------------------------------------------- GPU
 
-_LENGTHS = st.sampled_from([1, 7, 63, 64, 65, 127, 128, 129, 200, 255, 257, 385, 1000])
+_LENGTHS = st.sampled_from([1, 7, 63, 64, 65, 127, 128, 129, 191, 192, 193, 200, 255, 257,
+                            383, 384, 385, 1000])
 
 
 @st.composite
@@ -86,6 +87,14 @@ def test_forward_matches_float64(case):
 def test_forward_long_and_scaled(d, causal):
     """Several key blocks per row, a tail, and a scale other than 1/sqrt(D)."""
     _check_forward(1, 2100, 2, d, causal, "bfloat16", seed=d + causal, scale=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [191, 193, 385])
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_d64_tile_tails(t, causal):
+    """D=64 tiles are 192 rows (three consumer warpgroups): tails on either side of them."""
+    _check_forward(2, t, 3, 64, causal, "bfloat16", seed=t + causal)
 
 
 @pytest.mark.gpu

@@ -25,9 +25,12 @@ SCHEDULES=("MGD_FWD_PERSISTENT=0" "MGD_FWD_PERSISTENT=1" "MGD_FWD_PERSISTENT=1 M
 
 if want driver; then
 echo "== driver: written, finite, sampled rows vs float64, equal across schedules =="
+# D=64 tiles are 192 rows (three consumer warpgroups): T=191, 193, 383, 385 and 1000
+# put tails on either side of a tile boundary, some with a warpgroup wholly past T.
 # The last four shapes have more tiles than an H100 has SMs (two with T % 128 != 0).
 for args in "1 1 1 64 1 0" "2 65 3 64 0 0" "1 200 2 128 1 0" "1 257 2 128 0 1" "1 1000 3 64 1 1" \
-            "2 777 2 64 0 0" "2 4096 4 128 1 0" "1 4097 2 128 0 1" \
+            "2 777 2 64 0 0" "1 191 2 64 1 0" "1 193 2 64 1 1" "2 193 3 64 0 0" "1 383 2 64 0 1" \
+            "2 385 3 64 1 0" "1 1000 5 64 0 0" "2 4096 4 128 1 0" "1 4097 2 128 0 1" \
             "2 4096 16 128 1 0" "2 4096 16 64 0 1" "3 1000 16 128 1 1" "4 1100 33 64 1 0"; do
   sums=""
   for sched in "${SCHEDULES[@]}"; do
@@ -63,7 +66,7 @@ if want sanitizer; then
 echo "== compute-sanitizer (ping-pong on) =="
 for tool in memcheck racecheck synccheck; do
   for sched in "MGD_FWD_PERSISTENT=0" "MGD_FWD_MAX_CTAS=2"; do
-    for args in "1 300 2 128 1 0" "1 200 1 64 0 1"; do
+    for args in "1 300 2 128 1 0" "1 200 1 64 0 1" "1 450 2 64 1 0"; do
       echo "-- $tool $sched $args"
       env $sched MGD_FWD_PINGPONG=1 timeout 60 compute-sanitizer --tool $tool --print-limit 10 \
         $DRV $args 2>&1 | tail -3

@@ -86,8 +86,9 @@ int main(int argc, char** argv) {
   std::vector<double> p(T);
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
-      int rows[6] = {0, T - 1, T / 2, int(uniform() * T) % T, int(uniform() * T) % T,
-                     std::min(T - 1, 127)};
+      // The last three sit at the ends of the first 128- and 192-row tiles.
+      int rows[8] = {0, T - 1, T / 2, int(uniform() * T) % T, int(uniform() * T) % T,
+                     std::min(T - 1, 127), std::min(T - 1, 191), std::min(T - 1, 192)};
       for (int row : rows) {
         auto at = [&](int j, int t, int d) { return to_float(host[j][((size_t(b) * T + t) * H + h) * D + d], fp16); };
         int keys = causal ? row + 1 : T;
