@@ -11,13 +11,15 @@ Switches, read at call time:
   MGD_CUDA_DETERMINISTIC=0|1    the backward's `deterministic` default (keyword
       `deterministic=` of `backward` overrides it): 1 runs the split form (dQ in its
       own query-major pass, bitwise repeatable), 0 the fused form (dQ reduced in fp32
-      by atomics inside the key-major kernel, one pass fewer, last bits vary).
+      by atomics inside the key-major kernel, one pass fewer, last bits vary);
+  MGD_CUDA_FENCE_OUTPUTS=0    leaves the forward's and backward's outputs without the
+      optimization barrier that keeps XLA from computing them twice (for comparison).
 
 Read once per process by the library: MGD_BWD_BULK_REDUCE=0 makes the fused form add
 its dQ partials with per-thread red.global instead of one bulk reduce per tile.
 
 The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
-installed next to this file; its FFI target is registered with JAX on first use.
+installed next to this file; its FFI targets are registered with JAX on first use.
 """
 from __future__ import annotations
 
@@ -34,7 +36,13 @@ import numpy as np
 from mgd import devices
 
 NAME = "cuda"
-TARGET = "mgd_attention_double_backward"
+# The double backward's three parts (sweep 1: gdo and row statistics; sweep 2: gk, gv;
+# sweep 3: gq) are separate custom calls, so that XLA drops the parts a program leaves unused.
+DOUBLE_BACKWARD_TARGETS = {
+    "rows": ("mgd_attention_double_backward_rows", "MgdAttentionDoubleBackwardRows"),
+    "kv": ("mgd_attention_double_backward_kv", "MgdAttentionDoubleBackwardKV"),
+    "q": ("mgd_attention_double_backward_q", "MgdAttentionDoubleBackwardQ"),
+}
 BACKWARD_TARGET = "mgd_attention_backward"
 FORWARD_TARGET = "mgd_attention_forward"
 DELEGATE_ENV = "MGD_CUDA_DELEGATE"
@@ -78,8 +86,9 @@ def _load():
                 return None, f"{path} cannot be loaded: {err}"
             lib.MgdDoubleBackwardWorkspaceBytes.restype = ctypes.c_size_t
             lib.MgdDoubleBackwardWorkspaceBytes.argtypes = [ctypes.c_int] * 3
-            jax.ffi.register_ffi_target(
-                TARGET, jax.ffi.pycapsule(lib.MgdAttentionDoubleBackward), platform="CUDA")
+            for target, symbol in DOUBLE_BACKWARD_TARGETS.values():
+                jax.ffi.register_ffi_target(
+                    target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="CUDA")
             if hasattr(lib, "MgdAttentionForward"):
                 jax.ffi.register_ffi_target(
                     FORWARD_TARGET, jax.ffi.pycapsule(lib.MgdAttentionForward), platform="CUDA")
@@ -144,17 +153,24 @@ def _nvtx_range(name):
 
 
 def double_backward(q, k, v, o, lse, do, ddq, ddk, ddv, *, causal, scale):
-    """Cotangents (gq, gk, gv, gdo) of (q, k, v, do): three fused sweeps on Hopper."""
+    """Cotangents (gq, gk, gv, gdo) of (q, k, v, do): three fused sweeps on Hopper, each
+    its own custom call (gk and gv, or gq, are not computed where nothing uses them)."""
     lib = _require()
     *lead, t, h, d = q.shape
     batch = int(np.prod(lead)) if lead else 1
     workspace = int(lib.MgdDoubleBackwardWorkspaceBytes(batch, t, h))
     like = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    outs = (like, like, like, like, jax.ShapeDtypeStruct((workspace,), jnp.uint8))
-    call = jax.ffi.ffi_call(TARGET, outs, vmap_method="broadcast_all")
+    inputs = (q, k, v, o, do, ddq, ddk, ddv, lse.astype(jnp.float32))
+    attrs = {"causal": np.int32(bool(causal)), "scale": np.float32(scale)}
+
+    def part(name, outs):
+        return jax.ffi.ffi_call(DOUBLE_BACKWARD_TARGETS[name][0], outs, vmap_method="broadcast_all")
+
     with _nvtx_range(f"mgd.cuda.double_backward B={batch} T={t} H={h} D={d}"):
-        gq, gk, gv, gdo, _ = call(q, k, v, o, do, ddq, ddk, ddv, lse.astype(jnp.float32),
-                                  causal=np.int32(bool(causal)), scale=np.float32(scale))
+        gdo, stats = part("rows", (like, jax.ShapeDtypeStruct((workspace,), jnp.uint8)))(
+            *inputs, **attrs)
+        gk, gv = part("kv", (like, like))(*inputs, stats, **attrs)
+        gq = part("q", like)(*inputs, stats, **attrs)
     return gq, gk, gv, gdo
 
 
@@ -199,6 +215,17 @@ def forward_kernel_reason(q, k, v, *, causal):
     return _kernel_reason("forward", "MgdAttentionForward", q, k, v, causal)
 
 
+def _fenced(outputs):
+    """The outputs behind an optimization barrier (MGD_CUDA_FENCE_OUTPUTS=0: as they are).
+
+    XLA's GPU compiler may fuse a custom call with a dynamic-update-slice of its result
+    (storing a scan's residuals in place) by cloning the call into the fusion, so that a
+    result with other users is computed twice; behind the barrier the pattern does not match."""
+    if os.environ.get("MGD_CUDA_FENCE_OUTPUTS", "1").strip() == "0":
+        return outputs
+    return jax.lax.optimization_barrier(outputs)
+
+
 def kernel_forward(q, k, v, *, causal, scale):
     """(o, lse [..., H, T] float32, natural log) from our Hopper forward kernel."""
     _require()
@@ -208,7 +235,7 @@ def kernel_forward(q, k, v, *, causal, scale):
             jax.ShapeDtypeStruct((*lead, h, t), jnp.float32))
     call = jax.ffi.ffi_call(FORWARD_TARGET, outs, vmap_method="broadcast_all")
     with _nvtx_range(f"mgd.cuda.forward B={batch} T={t} H={h} D={d}"):
-        return call(q, k, v, causal=np.int32(bool(causal)), scale=np.float32(scale))
+        return _fenced(call(q, k, v, causal=np.int32(bool(causal)), scale=np.float32(scale)))
 
 
 def forward(q, k, v, *, causal, scale):
@@ -249,7 +276,7 @@ def kernel_backward(q, k, v, o, lse, do, *, causal, scale, dlse=None, determinis
                              has_dlse=np.int32(has_dlse),
                              deterministic=np.int32(bool(deterministic)),
                              scale=np.float32(scale))
-    return dq, dk, dv
+    return _fenced((dq, dk, dv))
 
 
 def backward(q, k, v, o, lse, do, *, causal, scale, dlse=None, deterministic=None):

@@ -8,6 +8,9 @@ namespace mgd {
 
 enum class DType { kBFloat16, kFloat16 };
 
+constexpr int kSweepRows = 1, kSweepKV = 2, kSweepQ = 4;
+constexpr int kAllSweeps = kSweepRows | kSweepKV | kSweepQ;
+
 struct DoubleBackwardCall {
   DType dtype;
   int batch, seq, heads, head_dim;  // layout [batch, seq, heads, head_dim]
@@ -17,6 +20,10 @@ struct DoubleBackwardCall {
   const float* lse;                                   // [batch, heads, seq]
   void *gq, *gk, *gv, *gdo;                           // outputs, dtype
   void* workspace;                                    // double_backward_workspace_bytes()
+  // Which sweeps run (bits kSweepRows | kSweepKV | kSweepQ): sweep 1 writes gdo and the
+  // row statistics in the workspace, which sweeps 2 (gk, gv) and 3 (gq) read, so a caller
+  // that needs only some outputs launches only their sweeps.
+  int sweeps = kAllSweeps;
 };
 
 // Bytes of device workspace one call needs (row statistics of every query row).

@@ -47,6 +47,7 @@ struct DoubleBackwardArgs {
   int batch, seq, heads, head_dim;
   float scale;
   bool causal;
+  int sweeps;  // kSweepRows | kSweepKV | kSweepQ
 };
 
 inline int padded_rows(int seq) {

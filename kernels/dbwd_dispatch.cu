@@ -14,9 +14,10 @@ size_t double_backward_workspace_bytes(int batch, int seq, int heads) {
 cudaError_t double_backward(const DoubleBackwardCall& c, cudaStream_t stream) {
   DoubleBackwardArgs a{c.q,  c.k,  c.v,  c.o,  c.do_, c.ddq, c.ddk, c.ddv, c.lse,
                        c.gq, c.gk, c.gv, c.gdo, static_cast<RowStats*>(c.workspace),
-                       c.batch, c.seq, c.heads, c.head_dim, c.scale, c.causal};
+                       c.batch, c.seq, c.heads, c.head_dim, c.scale, c.causal, c.sweeps};
   if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || c.batch > 65535 || c.heads > 65535)
     return cudaErrorInvalidValue;
+  if (c.sweeps <= 0 || c.sweeps > kAllSweeps) return cudaErrorInvalidValue;
   const bool bf16 = c.dtype == DType::kBFloat16;
   switch (c.head_dim) {
     case 64:

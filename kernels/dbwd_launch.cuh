@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <nvtx3/nvToolsExt.h>
 
+#include "attention_dbwd.h"  // kSweepRows, kSweepKV, kSweepQ
 #include "dbwd_sweeps.cuh"
 
 namespace mgd {
@@ -54,7 +55,7 @@ cudaError_t launch_double_backward(const DoubleBackwardArgs& a, cudaStream_t str
   const int padded = padded_rows(T);
   const int blocks = padded / kRowsPerCta;
 
-  {
+  if (a.sweeps & kSweepRows) {
     using K = Sweep1<Cfg>;
     typename K::Params p{
         make_row_tma<Cfg, R>(a.q, Bn, T, H),   make_row_tma<Cfg, R>(a.ddq, Bn, T, H),
@@ -66,7 +67,7 @@ cudaError_t launch_double_backward(const DoubleBackwardArgs& a, cudaStream_t str
                                    a, stream);
     if (err != cudaSuccess) return err;
   }
-  {
+  if (a.sweeps & kSweepKV) {
     using K = Sweep2<Cfg>;
     typename K::Params p{
         make_row_tma<Cfg, R>(a.k, Bn, T, H),     make_row_tma<Cfg, R>(a.v, Bn, T, H),
@@ -79,7 +80,7 @@ cudaError_t launch_double_backward(const DoubleBackwardArgs& a, cudaStream_t str
                                    a, stream);
     if (err != cudaSuccess) return err;
   }
-  {
+  if (a.sweeps & kSweepQ) {
     using K = Sweep3<Cfg>;
     typename K::Params p{
         make_row_tma<Cfg, R>(a.q, Bn, T, H),     make_row_tma<Cfg, R>(a.do_, Bn, T, H),
