@@ -12,8 +12,10 @@ Switches, read at call time:
       `deterministic=` of `backward` overrides it): 1 runs the split form (dQ in its
       own query-major pass, bitwise repeatable), 0 the fused form (dQ reduced in fp32
       by atomics inside the key-major kernel, one pass fewer, last bits vary);
-  MGD_CUDA_FENCE_OUTPUTS=0    leaves the forward's and backward's outputs without the
-      optimization barrier that keeps XLA from computing them twice (for comparison).
+  MGD_CUDA_SPLIT_CALLS=1    issues the double backward as three custom calls (XLA drops
+      the parts whose outputs go unused) and puts the forward's and backward's outputs
+      behind an optimization barrier (XLA's GPU compiler otherwise may compute a forward
+      twice); off until checked on a GPU.
 
 Read once per process by the library: MGD_BWD_BULK_REDUCE=0 makes the fused form add
 its dQ partials with per-thread red.global instead of one bulk reduce per tile.
@@ -39,6 +41,7 @@ NAME = "cuda"
 # The double backward's three parts (sweep 1: gdo and row statistics; sweep 2: gk, gv;
 # sweep 3: gq) are separate custom calls, so that XLA drops the parts a program leaves unused.
 DOUBLE_BACKWARD_TARGETS = {
+    "all": ("mgd_attention_double_backward", "MgdAttentionDoubleBackward"),
     "rows": ("mgd_attention_double_backward_rows", "MgdAttentionDoubleBackwardRows"),
     "kv": ("mgd_attention_double_backward_kv", "MgdAttentionDoubleBackwardKV"),
     "q": ("mgd_attention_double_backward_q", "MgdAttentionDoubleBackwardQ"),
@@ -153,8 +156,9 @@ def _nvtx_range(name):
 
 
 def double_backward(q, k, v, o, lse, do, ddq, ddk, ddv, *, causal, scale):
-    """Cotangents (gq, gk, gv, gdo) of (q, k, v, do): three fused sweeps on Hopper, each
-    its own custom call (gk and gv, or gq, are not computed where nothing uses them)."""
+    """Cotangents (gq, gk, gv, gdo) of (q, k, v, do): three fused sweeps on Hopper, in one
+    custom call, or (split_calls()) each in its own, so that gk and gv, or gq, are not
+    computed where nothing uses them."""
     lib = _require()
     *lead, t, h, d = q.shape
     batch = int(np.prod(lead)) if lead else 1
@@ -167,6 +171,11 @@ def double_backward(q, k, v, o, lse, do, ddq, ddk, ddv, *, causal, scale):
         return jax.ffi.ffi_call(DOUBLE_BACKWARD_TARGETS[name][0], outs, vmap_method="broadcast_all")
 
     with _nvtx_range(f"mgd.cuda.double_backward B={batch} T={t} H={h} D={d}"):
+        if not split_calls():
+            gq, gk, gv, gdo, _ = part("all", (like, like, like, like,
+                                              jax.ShapeDtypeStruct((workspace,), jnp.uint8)))(
+                *inputs, **attrs)
+            return gq, gk, gv, gdo
         gdo, stats = part("rows", (like, jax.ShapeDtypeStruct((workspace,), jnp.uint8)))(
             *inputs, **attrs)
         gk, gv = part("kv", (like, like))(*inputs, stats, **attrs)
@@ -215,15 +224,18 @@ def forward_kernel_reason(q, k, v, *, causal):
     return _kernel_reason("forward", "MgdAttentionForward", q, k, v, causal)
 
 
+def split_calls():
+    """MGD_CUDA_SPLIT_CALLS=1: the double backward in droppable parts, outputs fenced."""
+    return os.environ.get("MGD_CUDA_SPLIT_CALLS", "0").strip() == "1"
+
+
 def _fenced(outputs):
-    """The outputs behind an optimization barrier (MGD_CUDA_FENCE_OUTPUTS=0: as they are).
+    """The outputs behind an optimization barrier when split_calls() is on.
 
     XLA's GPU compiler may fuse a custom call with a dynamic-update-slice of its result
     (storing a scan's residuals in place) by cloning the call into the fusion, so that a
     result with other users is computed twice; behind the barrier the pattern does not match."""
-    if os.environ.get("MGD_CUDA_FENCE_OUTPUTS", "1").strip() == "0":
-        return outputs
-    return jax.lax.optimization_barrier(outputs)
+    return jax.lax.optimization_barrier(outputs) if split_calls() else outputs
 
 
 def kernel_forward(q, k, v, *, causal, scale):

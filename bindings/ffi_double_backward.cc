@@ -1,6 +1,8 @@
-// Typed XLA FFI handlers of the CUDA attention double backward, one per part of the
-// work, so that XLA drops the parts whose outputs a program does not use:
+// Typed XLA FFI handlers of the CUDA attention double backward: the whole of it in one
+// call, or one call per part of the work, so that XLA drops the parts whose outputs a
+// program does not use:
 //
+//   mgd_attention_double_backward       sweeps 1-3 -> gq, gk, gv, gdo, workspace
 //   mgd_attention_double_backward_rows  sweep 1 -> gdo, workspace (row statistics)
 //   mgd_attention_double_backward_kv    sweep 2 (reads the workspace) -> gk, gv
 //   mgd_attention_double_backward_q     sweep 3 (reads the workspace) -> gq
@@ -22,6 +24,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+const mgd_ffi::Checker check_all("mgd_attention_double_backward");
 const mgd_ffi::Checker check_rows("mgd_attention_double_backward_rows");
 const mgd_ffi::Checker check_kv("mgd_attention_double_backward_kv");
 const mgd_ffi::Checker check_q("mgd_attention_double_backward_q");
@@ -65,6 +68,27 @@ ffi::Error prepare(const mgd_ffi::Checker& check, const Inputs& in, size_t works
   call->ddv = in.ddv.untyped_data();
   call->lse = static_cast<const float*>(in.lse.untyped_data());
   return ffi::Error::Success();
+}
+
+ffi::Error All(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+               ffi::AnyBuffer o, ffi::AnyBuffer do_, ffi::AnyBuffer ddq, ffi::AnyBuffer ddk,
+               ffi::AnyBuffer ddv, ffi::AnyBuffer lse, ffi::Result<ffi::AnyBuffer> gq,
+               ffi::Result<ffi::AnyBuffer> gk, ffi::Result<ffi::AnyBuffer> gv,
+               ffi::Result<ffi::AnyBuffer> gdo, ffi::Result<ffi::AnyBuffer> workspace,
+               int32_t causal, float scale) {
+  mgd::DoubleBackwardCall call;
+  if (auto e = prepare(check_all, {q, k, v, o, do_, ddq, ddk, ddv, lse}, workspace->size_bytes(),
+                       causal, scale, mgd::kAllSweeps, &call);
+      e.failure())
+    return e;
+  if (auto e = check_all.like_q(q, {&*gq, &*gk, &*gv, &*gdo}, "gq, gk, gv and gdo"); e.failure())
+    return e;
+  call.gq = gq->untyped_data();
+  call.gk = gk->untyped_data();
+  call.gv = gv->untyped_data();
+  call.gdo = gdo->untyped_data();
+  call.workspace = workspace->untyped_data();
+  return check_all.failed(mgd::double_backward(call, stream));
 }
 
 ffi::Error Rows(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -130,6 +154,16 @@ auto bind_inputs() {
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MgdAttentionDoubleBackward, All,
+                              bind_inputs()
+                                  .Ret<ffi::AnyBuffer>()  // gq
+                                  .Ret<ffi::AnyBuffer>()  // gk
+                                  .Ret<ffi::AnyBuffer>()  // gv
+                                  .Ret<ffi::AnyBuffer>()  // gdo
+                                  .Ret<ffi::AnyBuffer>()  // workspace
+                                  .Attr<int32_t>("causal")
+                                  .Attr<float>("scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MgdAttentionDoubleBackwardRows, Rows,
                               bind_inputs()
