@@ -30,8 +30,10 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[2]
 
-# First match wins: a cuBLAS gemm is an XLA custom call, so gemm is tested before attention.
+# First match wins: our kernels name CUTLASS types, so they are tested first; a cuBLAS gemm
+# is an XLA custom call, so gemm is tested before the other attention names.
 CATEGORIES = (
+    ("custom-call/attention", re.compile(r"mgd::")),
     ("gemm/cublas", re.compile(r"gemm|cublas|nvjet|xmma|cutlass|matmul|wgmma|\bdot|_dot|dot_|^dot|sm\d\d_")),
     ("custom-call/attention", re.compile(
         r"attention|flash|fmha|cudnn|pallas|mgd|fwd_kernel|bwd_dq|bwd_dkdv|bwd_preprocess|sweep\d_kernel"
