@@ -86,6 +86,55 @@ def test_forward_and_backward_are_delegated_to_a_backend_that_serves():
     assert rel_l2(lse, lse_ref) < tolerance("float32", 0)
 
 
+def _lowered_for_cuda(monkeypatch, fn, *shapes, split):
+    """StableHLO text of `fn` lowered for a CUDA device, on any machine: the library is
+    stood in for by its workspace-size function (lowering launches nothing)."""
+    import re
+    import types
+
+    fake = types.SimpleNamespace(
+        MgdDoubleBackwardWorkspaceBytes=lambda b, t, h: b * h * ((t + 127) // 128 * 128) * 16,
+        MgdBackwardWorkspaceBytes=lambda b, t, h, d, det: b * h * ((t + 127) // 128 * 128) * 8)
+    monkeypatch.setattr(cuda, "_require", lambda: fake)
+    monkeypatch.setenv("MGD_CUDA_SPLIT_CALLS", "1" if split else "0")
+    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    return text, re.findall(r"mgd_attention_[a-z_]+", text)
+
+
+_ROW = jax.ShapeDtypeStruct((2, 256, 3, 64), jnp.bfloat16)
+_LSE = jax.ShapeDtypeStruct((2, 3, 256), jnp.float32)
+
+
+def _double_backward_part(index):
+    def fn(q, k, v, o, lse, do, ddq, ddk, ddv):
+        return cuda.double_backward(q, k, v, o, lse, do, ddq, ddk, ddv, causal=True,
+                                    scale=0.125)[index]
+    return fn
+
+
+@pytest.mark.parametrize("index, wanted", [
+    (0, {"mgd_attention_double_backward_rows", "mgd_attention_double_backward_q"}),   # gq
+    (1, {"mgd_attention_double_backward_rows", "mgd_attention_double_backward_kv"}),  # gk
+    (3, {"mgd_attention_double_backward_rows"}),                                      # gdo
+])
+def test_split_double_backward_keeps_only_the_parts_an_output_needs(monkeypatch, index, wanted):
+    shapes = (_ROW, _ROW, _ROW, _ROW, _LSE, _ROW, _ROW, _ROW, _ROW)
+    _, targets = _lowered_for_cuda(monkeypatch, _double_backward_part(index), *shapes, split=True)
+    assert set(targets) == wanted
+    _, whole = _lowered_for_cuda(monkeypatch, _double_backward_part(index), *shapes, split=False)
+    assert set(whole) == {"mgd_attention_double_backward"}
+
+
+def test_split_calls_fence_the_forward_outputs(monkeypatch):
+    def forward():  # a new function each time: jit caches traces by function
+        return lambda q, k, v: cuda.kernel_forward(q, k, v, causal=True, scale=0.125)
+
+    fenced, targets = _lowered_for_cuda(monkeypatch, forward(), _ROW, _ROW, _ROW, split=True)
+    plain, _ = _lowered_for_cuda(monkeypatch, forward(), _ROW, _ROW, _ROW, split=False)
+    assert targets == ["mgd_attention_forward"]
+    assert "optimization_barrier" in fenced and "optimization_barrier" not in plain
+
+
 def test_registered_in_backends():
     assert backends.MODULES["cuda"] == "mgd.bindings.cuda"
     assert cuda.NAME == "cuda"
