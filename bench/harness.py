@@ -27,6 +27,7 @@ from functools import cache
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from mgd.profiling import nvtx_range
@@ -117,6 +118,25 @@ def is_oom(err):
 
 def nbytes(tree):
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+# ----------------------------------------------------------------- the HVP
+
+def hvp_function(impl, causal):
+    """Reverse over reverse through `mgd.attention`: the gradient of <grad L, u>
+    for L = sum(sin(O) * c). The loss is nonlinear in O on purpose: a linear
+    one would skip the path through dO = L'(O) (the "nesting trap")."""
+    import mgd
+
+    def loss(q, k, v, c):
+        o = mgd.attention(q, k, v, causal=causal, impl=impl)
+        return jnp.sum(jnp.sin(o.astype(jnp.float32)) * c)
+
+    def directional(q, k, v, c, uq, uk, uv):
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, c)
+        return sum(jnp.vdot(g.astype(jnp.float32), u) for g, u in zip(grads, (uq, uk, uv)))
+
+    return jax.grad(directional, argnums=(0, 1, 2))
 
 
 # -------------------------------------------------------------------- timing

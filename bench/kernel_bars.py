@@ -82,21 +82,9 @@ def _cudnn(q, k, v, scale):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, scale=scale, implementation="cudnn")
 
 
-def _hvp(impl):
-    # Nonlinear in O so that the path through dO = L'(O) is exercised.
-    def loss(q, k, v, c):
-        o = mgd.attention(q, k, v, causal=True, impl=impl)
-        return jnp.sum(jnp.sin(o.astype(jnp.float32)) * c)
-
-    def directional(q, k, v, c, uq, uk, uv):
-        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, c)
-        return sum(jnp.vdot(g.astype(jnp.float32), u) for g, u in zip(grads, (uq, uk, uv)))
-
-    return jax.jit(jax.grad(directional, argnums=(0, 1, 2)))
-
-
-def _function_and_args(stage, impl, sets, scale):
-    """The jitted function of one cell and its rotated argument sets."""
+def _function_and_args(stage, impl, sets, saved, scale):
+    """The jitted function of one cell and its rotated argument sets; `saved` holds each
+    set's forward (o, lse) for the backward."""
     if stage == "forward":
         if impl == "cudnn":
             return jax.jit(partial(_cudnn, scale=scale)), [s[:3] for s in sets]
@@ -105,17 +93,15 @@ def _function_and_args(stage, impl, sets, scale):
         if impl == "cudnn":
             vjps = [(jax.vjp(partial(_cudnn, scale=scale), *s[:3])[1], s[3]) for s in sets]
             return jax.jit(lambda g, do: g(do)), vjps
-        args = []
-        for q, k, v, do, *_ in sets:
-            o, lse = jax.jit(partial(mgd.attention_forward, causal=True, impl="pallas"))(q, k, v)
-            args.append((q, k, v, o, lse, do))
+        args = [(q, k, v, o, lse, do) for (q, k, v, do, *_), (o, lse) in zip(sets, saved)]
         if impl.startswith("cuda"):
             from mgd.bindings import cuda
             fn = partial(cuda.kernel_backward, causal=True, scale=scale,
                          deterministic=impl == "cuda")
             return jax.jit(fn), args
         return jax.jit(partial(mgd.attention_backward, causal=True, impl=impl)), args
-    return _hvp(impl), [(q, k, v, *rest) for q, k, v, _do, *rest in sets]
+    return (jax.jit(harness.hvp_function(impl, causal=True)),
+            [(q, k, v, *rest) for q, k, v, _do, *rest in sets])
 
 
 def _input_sets(h, d, t, n_sets=2):
@@ -138,13 +124,17 @@ def measure(stages, heads_dims, lengths, out, budget_s):
         for t in lengths:
             sets = _input_sets(h, d, t)
             scale = d ** -0.5
+            # The backward's o and lse, once per shape for every implementation (the same
+            # contract, so the Pallas forward's serve all of them).
+            forward = jax.jit(partial(mgd.attention_forward, causal=True, impl="pallas"))
+            saved = [forward(*s[:3]) for s in sets] if "backward" in stages else None
             for stage in stages:
                 for impl in IMPLS[stage]:
                     if time.perf_counter() > deadline:
                         print(f"budget reached: stopping before {stage} {impl} H={h} D={d} T={t}", flush=True)
                         return cells, meta
                     try:
-                        fn, args = _function_and_args(stage, impl, sets, scale)
+                        fn, args = _function_and_args(stage, impl, sets, saved, scale)
                         ms = _median_ms(fn, args)
                         cell = Cell(stage, impl, h, d, t, ms, _flop(stage, h, d, t) / ms / 1e9)
                     except Exception as err:  # noqa: BLE001 - one failed cell must not stop the table

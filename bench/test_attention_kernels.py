@@ -43,23 +43,8 @@ def _stage_function(stage, impl, causal):
     if stage == "double_backward":
         return jax.jit(partial(mgd.attention_double_backward, causal=causal, impl=impl))
     if stage == "hvp":
-        return jax.jit(_hvp(impl, causal))
+        return jax.jit(harness.hvp_function(impl, causal))
     raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-
-
-def _hvp(impl, causal):
-    """Reverse over reverse through `mgd.attention`: the gradient of <grad L, u>
-    for L = sum(sin(O) * c). The loss is nonlinear in O on purpose: a linear
-    one would skip the path through dO = L'(O) (the "nesting trap")."""
-    def loss(q, k, v, c):
-        o = mgd.attention(q, k, v, causal=causal, impl=impl)
-        return jnp.sum(jnp.sin(o.astype(jnp.float32)) * c)
-
-    def directional(q, k, v, c, uq, uk, uv):
-        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, c)
-        return sum(jnp.vdot(g.astype(jnp.float32), u) for g, u in zip(grads, (uq, uk, uv)))
-
-    return jax.grad(directional, argnums=(0, 1, 2))
 
 
 # --------------------------------------------------------------- the inputs

@@ -7,7 +7,8 @@
 #   bwd_driver.log     every output written and finite, two runs bitwise identical, fused
 #                      (bulk and red) against deterministic; timing of the three
 #   bwd_pytest.log     tests/test_cuda_backward.py and the grad-of-grad test of test_cuda.py
-#   bwd_timing.log     impl cuda's backward against Pallas and cuDNN through JAX
+#   bwd_timing.log     impl cuda's backward (both modes) against Pallas, Triton and cuDNN through
+#                      JAX (bench/kernel_bars.py)
 #   bwd_sanitizer.log  compute-sanitizer memcheck and racecheck on small shapes
 # Knobs: MGD_BWD_STEPS (default "sass driver pytest timing sanitizer"), MGD_TIMING_LENGTHS.
 set -uo pipefail
@@ -60,8 +61,8 @@ for step in $STEPS; do
       timeout 120 $PY -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "grad_of_grad or long_causal_sequence"
     } 2>&1 | tee "$OUT/bwd_pytest.log" | grep -E "passed|failed|error|Error|assert" | tail -20 ;;
   timing)
-    timeout ${MGD_TIMING_TIMEOUT:-150} $PY scripts/bwd_timing.py --lengths $LENGTHS 2>&1 |
-      grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT/bwd_timing.log" ;;
+    timeout ${MGD_TIMING_TIMEOUT:-150} $PY -m bench.kernel_bars --out "$OUT/jax" --stages backward \
+      --lengths $LENGTHS 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT/bwd_timing.log" ;;
   sanitizer)
     {
       for tool in memcheck racecheck; do

@@ -26,7 +26,8 @@
 #             finite, sampled rows against float64), compute-sanitizer memcheck, the
 #             float64 GPU tests of the three cuda kernels (test_cuda_forward.py,
 #             test_cuda_backward.py, test_cuda.py), then the forward and backward through
-#             JAX against Pallas and cuDNN; needs CMAKE_ARGS=-DMGD_BUILD_DRIVER=ON
+#             JAX against Pallas, Triton and cuDNN (bench/kernel_bars.py); needs
+#             CMAKE_ARGS=-DMGD_BUILD_DRIVER=ON
 #   round     one metagradient round per shape, implementation and remat plan, side by
 #             side (bench/round_timing.py): $MGD_ROUND_SHAPES (e2e:16384 gpt2s:8192),
 #             $MGD_ROUND_IMPLS (pallas,standin,cuda), $MGD_ROUND_PLANS (lean)
@@ -252,11 +253,9 @@ part_cuda() {
     tests/test_cuda_forward.py tests/test_cuda_backward.py tests/test_cuda.py -m gpu -q -rfEs \
     -p no:cacheprovider --maxfail=5 > "$OUT/cuda_tests.log" 2>&1
   stamp "cuda kernel tests: $(tail -n 1 "$OUT/cuda_tests.log")"
-  capped 70 30 "forward through JAX" python3 kernels/tools/fwd_bench.py ${MGD_CUDA_T:-4096 8192 16384} \
-    > "$OUT/fwd_jax.log" 2>&1
-  capped 70 30 "backward through JAX" python3 scripts/bwd_timing.py --lengths ${MGD_CUDA_T:-4096 8192 16384} \
-    > "$OUT/bwd_jax.log" 2>&1
-  tail -n 8 "$OUT/fwd_jax.log" "$OUT/bwd_jax.log"
+  capped 140 40 "forward and backward through JAX" python3 -m bench.kernel_bars --out "$OUT/jax" \
+    --stages forward backward --lengths ${MGD_CUDA_T:-4096 8192 16384} > "$OUT/jax.log" 2>&1
+  grep -A40 "^## forward" "$OUT/jax/bars.md" 2>/dev/null | head -n 40
 }
 
 part_round() {

@@ -7,7 +7,7 @@
 #                      persistent off/on x ping-pong off/on
 #   fwd_sanitizer.log  compute-sanitizer memcheck, racecheck, synccheck on small shapes
 #   fwd_pytest.log     tests/test_cuda_forward.py (and MGD_FWD_EXTRA_TESTS) on the GPU
-#   fwd_jax.log        forward through JAX: cuda vs pallas vs the delegate
+#   fwd_jax.log        forward through JAX: cuda vs Pallas, Triton and cuDNN (bench/kernel_bars.py)
 # Usage: kernels/tools/fwd_checks.sh   Knobs: MGD_BUILD_DIR, MGD_FWD_LENGTHS, MGD_FWD_JAX_LENGTHS,
 #   MGD_FWD_PYTEST_TIMEOUT, MGD_FWD_EXTRA_TESTS (pytest node ids or -k expressions),
 #   MGD_FWD_ONLY (sections to run, default "driver timing sanitizer pytest jax").
@@ -84,6 +84,6 @@ fi
 
 if want jax; then
 echo "== forward through JAX =="
-timeout ${MGD_FWD_JAX_TIMEOUT:-150} $PY kernels/tools/fwd_bench.py ${MGD_FWD_JAX_LENGTHS:-} 2>&1 \
-  | tee "$OUT/fwd_jax.log"
+timeout ${MGD_FWD_JAX_TIMEOUT:-150} $PY -m bench.kernel_bars --out "$OUT/jax" --stages forward \
+  --lengths ${MGD_FWD_JAX_LENGTHS:-1024 4096 8192 16384 32768} 2>&1 | tee "$OUT/fwd_jax.log"
 fi
