@@ -8,7 +8,8 @@ one warm-up round, then the median of --repeats timed rounds; peak memory from
 `device.memory_stats()`. `standin` replaces attention by `v + 1e-6 (q + k)`, so its
 round is what the round costs outside attention. Out of memory is recorded, not fatal.
 Writes DIR/round_timing.csv and DIR/round_timing.md after every configuration. The
-shapes are `mgd.pipeline.round_shapes.SHAPES`.
+shapes are `mgd.pipeline.round_shapes.SHAPES`. An implementation may carry switches of
+its backend after a "+" (`cuda+split`, `cuda+fused`; see VARIANTS), set in its process.
 """
 from __future__ import annotations
 
@@ -25,6 +26,25 @@ from pathlib import Path
 
 log = logging.getLogger("round_timing")
 
+# Backend switches an implementation name may carry after "+" (bindings/cuda.py says what
+# each does): the same kernels, issued or reduced another way.
+VARIANTS = {
+    "split": {"MGD_CUDA_SPLIT_CALLS": "1"},
+    "onecall": {"MGD_CUDA_SPLIT_CALLS": "0"},
+    "fused": {"MGD_CUDA_DETERMINISTIC": "0"},
+}
+
+
+def parse_impl(name: str) -> tuple[str, dict]:
+    """"cuda+split" -> ("cuda", {"MGD_CUDA_SPLIT_CALLS": "1"}); ValueError naming an unknown part."""
+    base, *variants = name.split("+")
+    env = {}
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r} in {name!r} (one of {', '.join(VARIANTS)})")
+        env.update(VARIANTS[v])
+    return base, env
+
 FIELDS = ("shape", "seq_len", "impl", "plan", "status", "median_s", "min_s", "repeats",
           "compile_s", "peak_gib", "compiled_temp_gib", "attention_share", "device", "error")
 
@@ -38,6 +58,8 @@ def build_round(shape_spec: str, impl: str, plan: str):
     from mgd.pipeline.round_shapes import parse_shape
 
     shape, seq_len = parse_shape(shape_spec)
+    impl, env = parse_impl(impl)
+    os.environ.update(env)
     cfg = shape.model_config(seq_len, impl)
     fn = oracle.make_round_fn(cfg, shape.oracle_config(oracle.RematPlan.named(plan)))
     params = model.init_params(cfg, jax.random.key(0))
@@ -84,7 +106,8 @@ def _run_child(shape_spec, impl, plan, args) -> dict:
     cmd = [sys.executable, "-m", "bench.round_timing", "--one", "--shape", shape_spec,
            "--impls", impl, "--plans", plan, "--repeats", str(args.repeats)]
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout,
+                              env={**os.environ, **parse_impl(impl)[1]})
     except subprocess.TimeoutExpired:
         return {"shape": shape_spec, "impl": impl, "plan": plan, "status": "timeout"}
     for line in proc.stdout.splitlines():
@@ -147,8 +170,12 @@ def main(argv=None) -> int:
     plans = [s for s in args.plans.split(",") if s]
     known_impls = ("xla", "pallas", "triton", "cuda", STANDIN)
     for impl in impls:
-        if impl not in known_impls:
-            ap.error(f"--impls: unknown implementation {impl!r} (one of {', '.join(known_impls)})")
+        try:
+            base, _ = parse_impl(impl)
+        except ValueError as err:
+            ap.error(f"--impls: {err}")
+        if base not in known_impls:
+            ap.error(f"--impls: unknown implementation {base!r} (one of {', '.join(known_impls)})")
     for plan in plans:
         if plan not in PLANS:
             ap.error(f"--plans: unknown plan {plan!r} (one of {', '.join(PLANS)})")

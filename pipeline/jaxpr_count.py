@@ -1,5 +1,5 @@
 """Count what a traced program asks for: attention kernel calls by kind, dense matmul FLOPs
-and float32 <-> bfloat16 casts.
+(and how many of them have an operand wider than 16 bits) and float32 <-> bfloat16 casts.
 
 `count(closed_jaxpr)` walks a jaxpr and every sub-jaxpr it holds (pjit, custom_jvp /
 custom_vjp calls, checkpoint/remat, scan, while and cond), multiplying loop bodies by
@@ -44,6 +44,9 @@ class Counts:
     """Attention kernel calls by kind and dense matmul FLOPs (outside the kernels)."""
     attention: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     dense_flops: float = 0.0
+    # of dense_flops, the products with an operand wider than 16 bits (float32 against a bf16
+    # operand runs as a float32 product, at a fraction of the bf16 tensor rate)
+    wide_flops: float = 0.0
     # convert_element_type between float32 and bfloat16: how many, and the bytes they write
     casts: int = 0
     cast_bytes: float = 0.0
@@ -53,6 +56,7 @@ class Counts:
         for kind in KINDS:
             self.attention[kind] += times * other.attention[kind]
         self.dense_flops += times * other.dense_flops
+        self.wide_flops += times * other.wide_flops
         self.casts += times * other.casts
         self.cast_bytes += times * other.cast_bytes
         self.unknown_loops += other.unknown_loops
@@ -68,6 +72,7 @@ class Counts:
         for kind in KINDS:
             out.attention[kind] = max(o.attention[kind] for o in options)
         out.dense_flops = max(o.dense_flops for o in options)
+        out.wide_flops = max(o.wide_flops for o in options)
         out.casts = max(o.casts for o in options)
         out.cast_bytes = max(o.cast_bytes for o in options)
         out.unknown_loops = max(o.unknown_loops for o in options)
@@ -149,6 +154,8 @@ class _Walker:
         if name == "dot_general":
             c = Counts()
             c.dense_flops = _dot_flops(eqn)
+            if any(np.dtype(v.aval.dtype).itemsize > 2 for v in eqn.invars[:2]):
+                c.wide_flops = c.dense_flops
             return c, [None] * n_out
         if name == "convert_element_type":
             c = Counts()

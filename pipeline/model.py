@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -111,9 +112,51 @@ def _rms_norm(x, scale, out_dtype):
     return (y * scale.astype(y.dtype)).astype(out_dtype)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul_2d(a, b, transpose_a: bool = False, transpose_b: bool = False):
+    """op(a) @ op(b) for 2-D `a`, `b` of one dtype, accumulated and returned in float32 (or
+    wider). Its derivatives, of every order, cast the incoming cotangent to the operands'
+    dtype first, so that the backward's products run at the compute dtype's tensor rate
+    instead of as float32 products against a bf16 operand."""
+    return _plain_matmul_2d(a, b, transpose_a, transpose_b)
+
+
+def _plain_matmul_2d(a, b, transpose_a, transpose_b):
+    if a.dtype != b.dtype:
+        raise ValueError(f"matmul_2d operands must share a dtype, got {a.dtype} and {b.dtype}")
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return jax.lax.dot_general(a, b, (((0 if transpose_a else 1,), (1 if transpose_b else 0,)),
+                                      ((), ())), preferred_element_type=acc)
+
+
+def _matmul_2d_fwd(a, b, transpose_a, transpose_b):
+    # The primal through matmul_2d itself, so that differentiating a derivative keeps the rule.
+    return matmul_2d(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _matmul_2d_bwd(transpose_a, transpose_b, res, g):
+    a, b = res
+    g = g.astype(a.dtype)
+    # C = op(a) op(b): d op(a) = G op(b)^T and d op(b) = op(a)^T G, written back as matmuls.
+    if transpose_a:
+        da = matmul_2d(b, g, transpose_b, True)
+    else:
+        da = matmul_2d(g, b, False, not transpose_b)
+    if transpose_b:
+        db = matmul_2d(g, a, True, transpose_a)
+    else:
+        db = matmul_2d(a, g, not transpose_a, False)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
 def _matmul(x, w, cfg):
-    return jnp.einsum("...i,io->...o", x.astype(cfg.cdtype), w.astype(cfg.cdtype),
-                      preferred_element_type=cfg.acc_dtype)
+    """x [..., i] @ w [i, o] in compute dtype, accumulated in float32: [..., o]."""
+    lead = x.shape[:-1]
+    out = matmul_2d(x.reshape(-1, x.shape[-1]).astype(cfg.cdtype), w.astype(cfg.cdtype))
+    return out.reshape(lead + (w.shape[-1],))
 
 
 def _rotary(x, base):
@@ -250,7 +293,7 @@ def token_losses(params, hidden, targets, cfg: GPTConfig):
 
     @jax.checkpoint
     def chunk(hc, tc):
-        logits = jnp.einsum("cd,vd->cv", hc, embed, preferred_element_type=cfg.acc_dtype)
+        logits = matmul_2d(hc.astype(cfg.cdtype), embed, False, True)
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 

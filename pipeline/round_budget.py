@@ -33,10 +33,14 @@ class Budget:
     backward: float
     double_backward: float
     dense_forward_equivalents: float
+    # of those, products with a float32 (or wider) operand: 0 when the round runs its
+    # products in the compute dtype
+    wide_forward_equivalents: float = 0.0
 
     def within(self, limit: Budget) -> bool:
         return all(getattr(self, f) <= getattr(limit, f) + 1e-9 for f in
-                   ("forward", "backward", "double_backward", "dense_forward_equivalents"))
+                   ("forward", "backward", "double_backward", "dense_forward_equivalents",
+                    "wide_forward_equivalents"))
 
 
 def floor(inner_steps: int, k: int, target_rows: int) -> Budget:
@@ -99,18 +103,20 @@ def round_budget(shape: RoundShape, seq_len: int, plan: oracle.RematPlan, impl: 
     if c.unknown_loops:
         raise RuntimeError(f"{c.unknown_loops} loops of the round have trip counts the counter "
                            "could not find; the counts would be wrong")
-    n = shape.n_layer
+    n, fwd = shape.n_layer, forward_flops(shape, seq_len, impl)
     return Budget(forward=c.attention["forward"] / n, backward=c.attention["backward"] / n,
                   double_backward=c.attention["double_backward"] / n,
-                  dense_forward_equivalents=c.dense_flops / forward_flops(shape, seq_len, impl))
+                  dense_forward_equivalents=c.dense_flops / fwd,
+                  wide_forward_equivalents=c.wide_flops / fwd)
 
 
 def _table(rows) -> str:
-    head = ("plan", "attention fwd / layer", "bwd / layer", "double bwd / layer", "dense fwd-equiv.")
+    head = ("plan", "attention fwd / layer", "bwd / layer", "double bwd / layer", "dense fwd-equiv.",
+            "of which float32")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, b in rows:
         lines.append(f"| {name} | {b.forward:g} | {b.backward:g} | {b.double_backward:g} | "
-                     f"{b.dense_forward_equivalents:.2f} |")
+                     f"{b.dense_forward_equivalents:.2f} | {b.wide_forward_equivalents:.2f} |")
     return "\n".join(lines)
 
 

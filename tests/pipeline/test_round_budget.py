@@ -51,14 +51,18 @@ def test_counter_dense_flops_match_the_matmul_shapes():
 
     c = jaxpr_count.count(jax.make_jaxpr(f)(a, b))
     assert c.dense_flops == 4 * 2 * 5 * 7 * 3 * 11
+    assert c.wide_flops == c.dense_flops           # float64 operands
+    bf = jaxpr_count.count(jax.make_jaxpr(f)(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)))
+    assert bf.dense_flops == c.dense_flops and bf.wide_flops == 0
 
 
 def test_lean_round_meets_the_budget_at_the_e2e_shape():
     """One inner step at the e2e shape: at most 3 attention forwards, 4 backwards and 1
-    double backward per layer, at most 16 dense forward-equivalents per round."""
+    double backward per layer, at most 16 dense forward-equivalents per round, and every
+    product in bf16 (none against a float32 cotangent), derivatives of derivatives included."""
     shape = SHAPES["e2e"]
     bar = round_budget.Budget(forward=3, backward=4, double_backward=1,
-                              dense_forward_equivalents=16)
+                              dense_forward_equivalents=16, wide_forward_equivalents=0)
     lean = round_budget.round_budget(shape, 16384, oracle.PLANS["lean"], "pallas", inner_steps=1)
     assert lean.within(bar), lean
     # The frugal plan is today's schedule: the counts the issue measured.
@@ -73,7 +77,7 @@ def test_floor_and_cli(capsys):
     assert (f.forward, f.backward, f.double_backward, f.dense_forward_equivalents) == (3, 4, 1, 15)
     assert round_budget.main(["--shape", "toy:16", "--plan", "lean", "--inner-steps", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| lean |" in out and "| floor (docs/round.md) | 3 | 4 | 1 | 15.00 |" in out
+    assert "| lean |" in out and "| floor (docs/round.md) | 3 | 4 | 1 | 15.00 | 0.00 |" in out
     with pytest.raises(SystemExit) as exc:
         round_budget.main(["--shape", "nope:16"])
     assert exc.value.code != 0
@@ -98,7 +102,17 @@ def test_round_timing_cpu_path_writes_its_table(tmp_path):
     assert all(float(r["median_s"]) > 0 for r in rows)
     assert rows[0]["attention_share"] != "" and rows[2]["attention_share"] == ""
     assert "| toy | 16 | xla | lean | ok |" in (out / "round_timing.md").read_text()
-    for bad in (["--shape", "toy"], ["--shape", "toy:16", "--impls", "nope"]):
+    for bad in (["--shape", "toy"], ["--shape", "toy:16", "--impls", "nope"],
+                ["--shape", "toy:16", "--impls", "cuda+nope"]):
         with pytest.raises(SystemExit) as exc:
             round_timing.main(bad + ["--out", str(out)])
         assert exc.value.code != 0
+
+
+def test_round_timing_variants_set_their_backend_switches():
+    from bench.round_timing import parse_impl
+
+    assert parse_impl("pallas") == ("pallas", {})
+    assert parse_impl("cuda+split") == ("cuda", {"MGD_CUDA_SPLIT_CALLS": "1"})
+    assert parse_impl("cuda+onecall+fused") == (
+        "cuda", {"MGD_CUDA_SPLIT_CALLS": "0", "MGD_CUDA_DETERMINISTIC": "0"})
