@@ -10,7 +10,8 @@
 #   fwd_jax.log        forward through JAX: cuda vs Pallas, Triton and cuDNN (bench/kernel_bars.py)
 # Usage: kernels/tools/fwd_checks.sh   Knobs: MGD_BUILD_DIR, MGD_FWD_LENGTHS, MGD_FWD_JAX_LENGTHS,
 #   MGD_FWD_PYTEST_TIMEOUT, MGD_FWD_EXTRA_TESTS (pytest node ids or -k expressions),
-#   MGD_FWD_ONLY (sections to run, default "driver timing sanitizer pytest jax").
+#   MGD_FWD_ONLY (sections to run, default "driver timing sanitizer pytest jax"),
+#   MGD_FWD_BASE_DRIVER (another build's fwd_driver, timed beside this one, lines "[base]").
 set -uo pipefail
 OUT=${OUT:-/tmp/mgd_fwd_checks}
 mkdir -p "$OUT"
@@ -56,6 +57,10 @@ for hd in "16 128" "12 64"; do
       for pp in 0 1; do
         MGD_FWD_PERSISTENT=$pers MGD_FWD_PINGPONG=$pp timeout 60 $DRV 1 $t $1 $2 1 0 20 | tail -1 \
           | sed "s/^/H=$1 D=$2 T=$t persistent=$pers pingpong=$pp: /"
+        # The same shape in another build's driver, right after (a CMake option's A/B).
+        [ -n "${MGD_FWD_BASE_DRIVER:-}" ] && MGD_FWD_PERSISTENT=$pers MGD_FWD_PINGPONG=$pp \
+          timeout 60 "$MGD_FWD_BASE_DRIVER" 1 $t $1 $2 1 0 20 | tail -1 \
+          | sed "s/^/H=$1 D=$2 T=$t persistent=$pers pingpong=$pp [base]: /"
       done
     done
   done
