@@ -152,11 +152,19 @@ def _matmul_2d_bwd(transpose_a, transpose_b, res, g):
 matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
+def _narrow(cfg: GPTConfig) -> bool:
+    """Compute dtype narrower than float32: the products need matmul_2d's cotangent cast
+    (at float32 or wider autodiff's own products already run at the compute dtype)."""
+    return cfg.cdtype.itemsize < 4
+
+
 def _matmul(x, w, cfg):
     """x [..., i] @ w [i, o] in compute dtype, accumulated in float32: [..., o]."""
-    lead = x.shape[:-1]
-    out = matmul_2d(x.reshape(-1, x.shape[-1]).astype(cfg.cdtype), w.astype(cfg.cdtype))
-    return out.reshape(lead + (w.shape[-1],))
+    x, w = x.astype(cfg.cdtype), w.astype(cfg.cdtype)
+    if not _narrow(cfg):
+        return jnp.einsum("...i,io->...o", x, w, preferred_element_type=cfg.acc_dtype)
+    out = matmul_2d(x.reshape(-1, x.shape[-1]), w)
+    return out.reshape(x.shape[:-1] + (w.shape[-1],))
 
 
 def _rotary(x, base):
@@ -293,7 +301,10 @@ def token_losses(params, hidden, targets, cfg: GPTConfig):
 
     @jax.checkpoint
     def chunk(hc, tc):
-        logits = matmul_2d(hc.astype(cfg.cdtype), embed, False, True)
+        if _narrow(cfg):
+            logits = matmul_2d(hc.astype(cfg.cdtype), embed, False, True)
+        else:
+            logits = jnp.einsum("cd,vd->cv", hc, embed, preferred_element_type=cfg.acc_dtype)
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 

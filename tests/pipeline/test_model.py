@@ -246,3 +246,57 @@ def test_bf16_weights_cast_once_per_forward_same_loss_and_gradient(remat):
     for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
         assert a.dtype == jnp.float32
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_matmul_2d_derivatives_of_every_order_match_plain_products(transpose_a, transpose_b):
+    """In float64 (where its cotangent cast is a no-op) matmul_2d's custom derivative rule
+    gives autodiff's values: the product, its gradient, and gradients of gradients."""
+    with jax.enable_x64():
+        rng = np.random.default_rng(7)
+        a = jnp.asarray(rng.standard_normal((7, 5) if transpose_a else (5, 7)))
+        b = jnp.asarray(rng.standard_normal((3, 7) if transpose_b else (7, 3)))
+
+        def plain(a, b):
+            return (a.T if transpose_a else a) @ (b.T if transpose_b else b)
+
+        def ours(a, b):
+            return model.matmul_2d(a, b, transpose_a, transpose_b)
+
+        def loss(mm):
+            return lambda a, b: jnp.sum(jnp.sin(mm(a, b)))
+
+        def second(mm):  # the gradient of a function of the gradient: a metagradient's shape
+            g = jax.grad(loss(mm), argnums=(0, 1))
+            return jax.grad(lambda a, b: jnp.sum(jnp.cos(g(a, b)[0])) + jnp.sum(g(a, b)[1] ** 2),
+                            argnums=(0, 1))
+
+        def third(mm):
+            g2 = second(mm)
+            return jax.grad(lambda a, b: jnp.sum(jnp.tanh(g2(a, b)[1])), argnums=(0, 1))
+
+        np.testing.assert_allclose(ours(a, b), plain(a, b), rtol=1e-13)
+        for order in (lambda mm: jax.grad(loss(mm), argnums=(0, 1)), second, third):
+            for got, want in zip(order(ours)(a, b), order(plain)(a, b)):
+                np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
+
+
+def test_bf16_products_take_bf16_cotangents():
+    """At bf16 compute every product of a second-order gradient has bf16 operands (an f32
+    cotangent against a bf16 weight would run as a float32 product)."""
+    cfg = model.GPTConfig(vocab_size=61, seq_len=16, n_layer=2, n_head=2, d_model=32,
+                          attention_impl=model.STANDIN, loss_chunk=20)
+    params = model.init_params(cfg, jax.random.key(1))
+    seqs = _rows(2, cfg, seed=2)
+
+    def inner(p):
+        return jnp.sum(model.per_example_loss(p, seqs, cfg))
+
+    def outer(p):  # a function of the gradient, differentiated again
+        g = jax.grad(inner)(p)
+        return sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree_util.tree_leaves(g))
+
+    from mgd.pipeline import jaxpr_count
+    c = jaxpr_count.count(jax.make_jaxpr(jax.grad(outer))(params))
+    assert c.dense_flops > 0 and c.wide_flops == 0
