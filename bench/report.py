@@ -29,7 +29,9 @@ import pandas as pd  # noqa: E402
 KERNEL_STAGES = ("forward", "backward", "double_backward", "hvp")
 E2E_STAGE = "metagradient_round"
 DEFAULT_REFERENCE = ("xla", "pallas", "triton")
-IMPL_ORDER = ("xla", "pallas", "triton", "cuda")
+IMPL_ORDER = ("xla", "pallas", "triton", "cuda", "standin")
+# The end-to-end round with attention replaced by a near-free function of the same shapes.
+STANDIN = "standin"
 CONFIG_KEYS = ("B", "H", "D", "causal", "dtype")
 MiB = 2.0 ** 20
 
@@ -95,7 +97,7 @@ def add_speedup(frame, reference):
     """speedup = fastest reference implementation's median / this median, at the
     same run, stage and shape (so the best reference itself is at 1.0)."""
     frame = frame.copy()
-    key = ["run", "stage", "B", "T", "H", "D", "causal", "dtype"]
+    key = ["run", "stage", "shape", "B", "T", "H", "D", "causal", "dtype"]
     refs = frame[frame["impl"].isin(reference) & ~frame["oom"]]
     best = refs.groupby(key, dropna=False)["median_ms"].min().rename("best_reference_ms")
     # Object keys on both sides: the end-to-end rows have no B/H/D (all None), which
@@ -103,6 +105,20 @@ def add_speedup(frame, reference):
     best = best.reset_index().astype({c: object for c in key})
     frame = frame.astype({c: object for c in key}).merge(best, on=key, how="left")
     frame["speedup"] = frame["best_reference_ms"] / frame["median_ms"]
+    return add_ceiling(frame)
+
+
+def add_ceiling(frame):
+    """ceiling = best reference's round / the stand-in round of the same run and shape: the
+    speedup a free attention would give, which no kernel can pass (end-to-end rows only)."""
+    frame = frame.copy()
+    e2e = frame[(frame["stage"] == E2E_STAGE) & ~frame["oom"]]
+    standin = e2e[e2e["impl"] == STANDIN].groupby(["run", "shape"])["median_ms"].min()
+    standin = standin.rename("standin_ms").reset_index().astype({"run": object, "shape": object})
+    frame = frame.astype({"run": object, "shape": object}).merge(standin, on=["run", "shape"],
+                                                                  how="left")
+    frame["ceiling"] = frame["best_reference_ms"] / frame["standin_ms"]
+    frame.loc[(frame["stage"] != E2E_STAGE) | (frame["impl"] == STANDIN), "ceiling"] = math.nan
     return frame
 
 
@@ -159,14 +175,17 @@ def write_markdown(frame, out, reference):
                   markdown_table(kernels[cols]), ""]
     if not e2e.empty:
         e2e["impl_rank"] = _impl_rank(e2e["impl"])
-        e2e = e2e.sort_values(["run", "T", "impl_rank"])
-        cols = ["run", "impl", "T", "median_ms", "iqr_ms", "speedup", "memory_mib", "peak_mib",
-                "oom"]
+        e2e = e2e.sort_values(["run", "shape", "impl_rank"])
+        cols = ["run", "shape", "impl", "median_ms", "iqr_ms", "speedup", "ceiling", "memory_mib",
+                "peak_mib", "oom"]
         if len(runs) == 1:
             cols.remove("run")
         lines += ["## One metagradient round", "",
                   "Seconds per round of `mgd.pipeline.oracle.metagradient_round` (shown in "
-                  "ms), per attention implementation and sequence length T.", "",
+                  "ms), per round shape (name:T) and attention implementation. Speedup: the "
+                  "fastest reference's round over this one; ceiling: the fastest reference's "
+                  "round over the stand-in's (attention replaced by `v + 1e-6 (q + k)`), the "
+                  "most any attention kernel could give.", "",
                   markdown_table(e2e[cols]), ""]
     (out / "report.md").write_text("\n".join(lines), encoding="utf8")
 
@@ -239,26 +258,36 @@ def plot_kernels(frame, out):
     return written
 
 
+def _round_family(shape):
+    """"gpt2s:8192" -> "gpt2s": one figure per round shape; runs saved before the shapes
+    were named ("t512-l4-d256") form one family."""
+    return shape.split(":")[0] if isinstance(shape, str) and ":" in shape else "model"
+
+
 def plot_e2e(frame, out):
     e2e = frame[frame["stage"] == E2E_STAGE]
     if e2e.empty:
         return []
     runs = sorted(frame["run"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for (impl, run), line in e2e[~e2e["oom"]].groupby(["impl", "run"]):
-        line = line.sort_values("T")
-        axes[0].plot(line["T"], line["median_ms"] / 1e3, marker="o", color=_color(impl),
-                     label=_label(impl, run, runs))
-    axes[0].set_ylabel("seconds per metagradient round")
-    _memory_panel(axes[1], e2e, runs)
-    for ax in axes:
-        _xlog(ax, e2e["T"])
-        ax.legend(fontsize=8)
-    fig.suptitle("one metagradient round")
-    fig.tight_layout()
-    fig.savefig(out / "metagradient_round.png", dpi=90)
-    plt.close(fig)
-    return ["metagradient_round.png"]
+    written = []
+    for family, sub in e2e.groupby(e2e["shape"].map(_round_family)):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+        for (impl, run), line in sub[~sub["oom"]].groupby(["impl", "run"]):
+            line = line.sort_values("T")
+            axes[0].plot(line["T"], line["median_ms"] / 1e3, marker="o", color=_color(impl),
+                         label=_label(impl, run, runs))
+        axes[0].set_ylabel("seconds per metagradient round")
+        _memory_panel(axes[1], sub, runs)
+        for ax in axes:
+            _xlog(ax, sub["T"])
+            ax.legend(fontsize=8)
+        fig.suptitle(f"one metagradient round ({family})")
+        fig.tight_layout()
+        name = "metagradient_round.png" if family == "model" else f"metagradient_round_{family}.png"
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        written.append(name)
+    return written
 
 
 def main(argv=None):

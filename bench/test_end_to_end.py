@@ -1,20 +1,20 @@
-"""End to end: one metagradient round of the pipeline's model, per attention
-implementation and sequence length: seconds per round and peak memory.
+"""End to end: one metagradient round per round shape and attention implementation,
+side by side with the stand-in round: seconds per round and peak memory.
 
-The round is `mgd.pipeline.oracle.metagradient_round` (dPhi/dw through the
-inner Adam steps), so every attention call in it runs forward, backward and
-double backward of the chosen implementation.
+The round is `mgd.pipeline.oracle.metagradient_round` (dPhi/dw through the inner Adam
+steps, the `lean` plan unless MGD_E2E_PLAN says otherwise), so every attention call in it
+runs forward, backward and double backward of the chosen implementation. The shapes are
+those of `mgd.pipeline.round_shapes` (the e2e shape: 4 layers, width 512, 8 heads of
+D=64; GPT-2 small: 12 layers, width 768, 12 heads of D=64), with their k, target rows and
+inner steps. The stand-in (`v + 1e-6 (q + k)` in attention's place) is what the round
+costs outside attention: the report divides the best reference's round by it, the
+ceiling any attention kernel could reach.
 
 Knobs (environment):
-    MGD_E2E_IMPLS        xla,pallas,triton,cuda
-    MGD_E2E_T            512,1024,2048   (add 4096,... where memory allows:
-                                          out of memory is recorded, not fatal)
-    MGD_E2E_LAYERS 4, MGD_E2E_HEADS 4, MGD_E2E_DMODEL 256, MGD_E2E_VOCAB 8192,
-    MGD_E2E_K 8 (train rows), MGD_E2E_TARGET 8 (target rows),
-    MGD_E2E_INNER_STEPS 2, MGD_E2E_INNER_LR 1e-4, MGD_E2E_PLAN lean (oracle.PLANS)
-
-The shapes of the issue's side-by-side table (and the stand-in round) are measured by
-`python -m bench.round_timing`, which reads them from mgd.pipeline.round_shapes.
+    MGD_E2E_SHAPES   e2e:16384,e2e:32768,gpt2s:8192,gpt2s:16384   (name:seq_len; out of
+                     memory is recorded, not fatal)
+    MGD_E2E_IMPLS    xla,pallas,triton,cuda   (the stand-in is always added)
+    MGD_E2E_PLAN     lean (oracle.PLANS)
 """
 from __future__ import annotations
 
@@ -28,50 +28,44 @@ import pytest
 from bench import grid, harness
 from mgd import backends
 
+STANDIN = "standin"   # mgd.pipeline.model.STANDIN, without importing the pipeline here
+GPU_SHAPES = "e2e:16384,e2e:32768,gpt2s:8192,gpt2s:16384"
 
-def _env_int(name, default):
-    return int(os.environ.get(name, default))
 
-
-def _lengths():
-    return grid.env_list("MGD_E2E_T", "512,1024,2048", int)
+def _shapes():
+    return [s for s in os.environ.get("MGD_E2E_SHAPES", GPU_SHAPES).split(",") if s]
 
 
 def _impls():
-    return grid.env_list("MGD_E2E_IMPLS", ",".join(grid.IMPLS), grid.impl_name)
+    return grid.env_list("MGD_E2E_IMPLS", ",".join(grid.IMPLS), grid.impl_name) + [STANDIN]
 
 
 def _params():
-    params = [pytest.param(impl, t, id=f"{impl}-t{t}", marks=[pytest.mark.gpu, pytest.mark.e2e])
-              for t in _lengths() for impl in _impls()]
-    # A toy model through the xla baseline, to check the wiring on a CPU
+    params = [pytest.param(impl, spec, id=f"{impl}-{spec.replace(':', '')}",
+                           marks=[pytest.mark.gpu, pytest.mark.e2e])
+              for spec in _shapes() for impl in _impls()]
+    # The toy shape through naive XLA and the stand-in, to check the wiring on a CPU
     # (`pytest bench -m "e2e and not gpu"`). Not in cpu_subset: compiling the
     # second-order round takes ~30 s on a CI core even at this size.
-    params.append(pytest.param("xla", 32, id="xla-t32-cpu", marks=pytest.mark.e2e))
+    params += [pytest.param(impl, "toy:32", id=f"{impl}-toy32-cpu", marks=pytest.mark.e2e)
+               for impl in ("xla", STANDIN)]
     return params
 
 
 def _pipeline():
     """The pipeline modules, imported only when an end-to-end bench runs."""
     try:
-        model = importlib.import_module("mgd.pipeline.model")
         oracle = importlib.import_module("mgd.pipeline.oracle")
+        model = importlib.import_module("mgd.pipeline.model")
+        round_shapes = importlib.import_module("mgd.pipeline.round_shapes")
     except ImportError as err:
-        pytest.skip(f"mgd.pipeline.model / mgd.pipeline.oracle cannot be imported: {err}")
-    return model, oracle
-
-
-def _config(model, impl, seq_len, small):
-    if small:
-        return model.GPTConfig(vocab_size=256, seq_len=seq_len, n_layer=1, n_head=2, d_model=32,
-                               attention_impl=impl)
-    return model.GPTConfig(
-        vocab_size=_env_int("MGD_E2E_VOCAB", 8192), seq_len=seq_len,
-        n_layer=_env_int("MGD_E2E_LAYERS", 4), n_head=_env_int("MGD_E2E_HEADS", 4),
-        d_model=_env_int("MGD_E2E_DMODEL", 256), attention_impl=impl)
+        pytest.skip(f"mgd.pipeline cannot be imported: {err}")
+    return model, oracle, round_shapes
 
 
 def _skip_if_unavailable(impl, cfg):
+    if impl == STANDIN:
+        return
     dtype = jnp.dtype(getattr(cfg, "compute_dtype", "float32"))
     head_dim = cfg.d_model // cfg.n_head
     probe = jax.random.normal(jax.random.PRNGKey(0), (1, cfg.seq_len, cfg.n_head, head_dim),
@@ -93,35 +87,26 @@ def _token_sets(cfg, rows_train, rows_target, count):
     return sets
 
 
-@pytest.mark.parametrize("impl, seq_len", _params())
-def test_metagradient_round(benchmark, impl, seq_len):
-    model, oracle = _pipeline()
-    small = seq_len < 128
-    cfg = _config(model, impl, seq_len, small)
+@pytest.mark.parametrize("impl, spec", _params())
+def test_metagradient_round(benchmark, impl, spec):
+    model, oracle, round_shapes = _pipeline()
+    shape, seq_len = round_shapes.parse_shape(spec)
+    plan = os.environ.get("MGD_E2E_PLAN", "lean")
+    cfg = shape.model_config(seq_len, impl)
+    oc = shape.oracle_config(oracle.RematPlan.named(plan))
     _skip_if_unavailable(impl, cfg)
-    rows_train = 2 if small else _env_int("MGD_E2E_K", 8)
-    rows_target = 2 if small else _env_int("MGD_E2E_TARGET", 8)
-    inner_steps = 1 if small else _env_int("MGD_E2E_INNER_STEPS", 2)
-    inner_lr = float(os.environ.get("MGD_E2E_INNER_LR", "1e-4"))
+    rows_train, rows_target = shape.k, shape.target_rows
 
-    benchmark.group = f"metagradient_round T={seq_len}"
+    benchmark.group = f"metagradient_round {spec}"
     info = benchmark.extra_info
     info.update(harness.base_info("metagradient_round", impl))
-    info.update(T=seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model,
-                vocab_size=cfg.vocab_size, k=rows_train, target_rows=rows_target,
-                inner_steps=inner_steps, dtype=str(getattr(cfg, "compute_dtype", "")),
-                shape=f"t{seq_len}-l{cfg.n_layer}-d{cfg.d_model}")
-
-    plan = os.environ.get("MGD_E2E_PLAN", "lean")
-    info["plan"] = plan
-
-    def round_fn(params, train, target):
-        return oracle.metagradient_round(params, cfg, train, target, inner_steps, inner_lr,
-                                         remat=plan)
-
-    jitted = jax.jit(round_fn)
+    info.update(T=seq_len, round_shape=shape.name, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                d_model=cfg.d_model, vocab_size=cfg.vocab_size, k=rows_train,
+                target_rows=rows_target, inner_steps=oc.inner_steps, dtype=cfg.compute_dtype,
+                shape=spec, plan=plan)
+    jitted = oracle.make_round_fn(cfg, oc)
     before = harness.memory_stats()
-    failure = None
+    failure, median = None, None
     try:
         params = model.init_params(cfg, jax.random.PRNGKey(0))
         count = 1 if benchmark.disabled else 2
@@ -139,5 +124,5 @@ def test_metagradient_round(benchmark, impl, seq_len):
                           f"metagradient round, {impl}, T={seq_len}")
     if median is not None:
         info["median_s"] = median
-        info["tokens_per_s"] = rows_train * seq_len * inner_steps / median
+        info["tokens_per_s"] = rows_train * seq_len * oc.inner_steps / median
         harness.record_result(benchmark, median)

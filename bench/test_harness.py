@@ -173,24 +173,34 @@ def test_commit_prefers_the_environment(monkeypatch):
 
 
 def test_report_on_end_to_end_rows_only(tmp_path):
-    """A log holding only metagradient rounds (no B/H/D fields) still gets its table,
-    with the speedup over the fastest reference at each T."""
+    """A log holding only metagradient rounds (no B/H/D fields) still gets its table: per
+    round shape, the speedup over the fastest reference and the stand-in's ceiling; two
+    shapes at the same T are not mixed."""
     lines = []
-    for impl, t, median in (("xla", 512, 0.04), ("pallas", 512, 0.025), ("cuda", 512, 0.02),
-                            ("pallas", 1024, 0.05), ("cuda", 1024, 0.04)):
+    for impl, spec, median in (("xla", "e2e:512", 0.04), ("pallas", "e2e:512", 0.025),
+                               ("cuda", "e2e:512", 0.02), ("standin", "e2e:512", 0.01),
+                               ("pallas", "gpt2s:512", 0.10), ("cuda", "gpt2s:512", 0.08),
+                               ("pallas", "e2e:1024", 0.05), ("cuda", "e2e:1024", 0.04)):
+        t = int(spec.split(":")[1])
         lines.append(json.dumps({
-            "name": f"test_metagradient_round[{impl}-t{t}]",
+            "name": f"test_metagradient_round[{impl}-{spec}]",
             "stats": {"median": median, "iqr": 0.001, "rounds": 5},
             "extra_info": {"stage": "metagradient_round", "impl": impl, "T": t,
-                           "shape": f"t{t}-l4-d256", "compiled_bytes": 2 ** 30,
+                           "shape": spec, "compiled_bytes": 2 ** 30,
                            "gpu": "test", "commit": "abc"}}))
     log = tmp_path / "e2e.jsonl"
     log.write_text("\n".join(lines) + "\n")
     report.main([str(log), "--out", str(tmp_path / "out")])
-    rows = [r for r in (tmp_path / "out" / "report.md").read_text().splitlines()
-            if r.startswith("| cuda |")]
-    assert [r.split("|")[2].strip() for r in rows] == ["512", "1024"]
-    assert rows[0].split("|")[5].strip() == "1.25"      # 25 ms / 20 ms
+    rows = {tuple(c.strip() for c in r.split("|")[1:3]): [c.strip() for c in r.split("|")[3:]]
+            for r in (tmp_path / "out" / "report.md").read_text().splitlines()
+            if r.startswith("| e2e:") or r.startswith("| gpt2s:")}
+    # columns after shape and impl: median_ms, iqr_ms, speedup, ceiling, ...
+    assert rows[("e2e:512", "cuda")][2:4] == ["1.25", "2.5"]     # 25/20 ms; 25/10 ms
+    assert rows[("gpt2s:512", "cuda")][2:4] == ["1.25", ""]      # no stand-in for gpt2s
+    assert rows[("e2e:1024", "cuda")][2] == "1.25"
+    assert rows[("e2e:512", "standin")][3] == ""
+    figures = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert figures == ["metagradient_round_e2e.png", "metagradient_round_gpt2s.png"]
 
 
 def test_kernel_bars_report_judges_bars_from_the_cells():
