@@ -226,7 +226,7 @@ def forward_kernel_reason(q, k, v, *, causal):
 
 def split_calls():
     """MGD_CUDA_SPLIT_CALLS=1: the double backward in droppable parts, outputs fenced."""
-    return os.environ.get("MGD_CUDA_SPLIT_CALLS", "0").strip() == "1"
+    return os.environ.get("MGD_CUDA_SPLIT_CALLS", "1").strip() != "0"
 
 
 def _fenced(outputs):

@@ -10,7 +10,7 @@
 
 // 0 keeps D=64 on two consumer warpgroups (128-row tiles), as D=128.
 #ifndef MGD_FWD_D64_THREE_WG
-#define MGD_FWD_D64_THREE_WG 0
+#define MGD_FWD_D64_THREE_WG 1
 #endif
 
 namespace mgd {
