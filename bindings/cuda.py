@@ -12,10 +12,10 @@ Switches, read at call time:
       `deterministic=` of `backward` overrides it): 1 runs the split form (dQ in its
       own query-major pass, bitwise repeatable), 0 the fused form (dQ reduced in fp32
       by atomics inside the key-major kernel, one pass fewer, last bits vary);
-  MGD_CUDA_SPLIT_CALLS=1    issues the double backward as three custom calls (XLA drops
-      the parts whose outputs go unused) and puts the forward's and backward's outputs
-      behind an optimization barrier (XLA's GPU compiler otherwise may compute a forward
-      twice); off until checked on a GPU.
+  MGD_CUDA_SPLIT_CALLS=0    issues the double backward as one custom call and leaves the
+      forward's and backward's outputs unfenced; by default (1) it is three custom calls
+      (XLA drops the parts whose outputs go unused) and the outputs sit behind an
+      optimization barrier (XLA's GPU compiler otherwise may compute a forward twice).
 
 Read once per process by the library: MGD_BWD_BULK_REDUCE=0 makes the fused form add
 its dQ partials with per-thread red.global instead of one bulk reduce per tile.
@@ -225,7 +225,7 @@ def forward_kernel_reason(q, k, v, *, causal):
 
 
 def split_calls():
-    """MGD_CUDA_SPLIT_CALLS=1: the double backward in droppable parts, outputs fenced."""
+    """The double backward in droppable parts, outputs fenced (MGD_CUDA_SPLIT_CALLS=0: not)."""
     return os.environ.get("MGD_CUDA_SPLIT_CALLS", "1").strip() != "0"
 
 

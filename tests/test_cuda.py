@@ -135,6 +135,13 @@ def test_split_calls_fence_the_forward_outputs(monkeypatch):
     assert "optimization_barrier" in fenced and "optimization_barrier" not in plain
 
 
+def test_split_calls_are_the_default(monkeypatch):
+    monkeypatch.delenv("MGD_CUDA_SPLIT_CALLS", raising=False)
+    assert cuda.split_calls()
+    monkeypatch.setenv("MGD_CUDA_SPLIT_CALLS", "0")
+    assert not cuda.split_calls()
+
+
 def test_registered_in_backends():
     assert backends.MODULES["cuda"] == "mgd.bindings.cuda"
     assert cuda.NAME == "cuda"
