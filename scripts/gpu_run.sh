@@ -67,11 +67,14 @@ export PYTHONUNBUFFERED=1
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/summary.log"; }
 scale=${MGD_TIME_SCALE:-1}
+# A fraction (0.5) is allowed: caps are scaled in awk, not in the shell's integer arithmetic.
+awk -v s="$scale" 'BEGIN { exit !(s + 0 > 0) }' || { echo "MGD_TIME_SCALE must be a positive number, got '$scale'"; exit 2; }
 
 # left CAP MIN: seconds this step may take (CAP scaled, cut to the deadline), or 0
 # when less than MIN seconds are left before the deadline.
 left() {
-  local cap=$(( $1 * scale )) min=$2
+  local cap min=$2
+  cap=$(awk -v c="$1" -v s="$scale" 'BEGIN { printf "%d", c * s }')
   if [ -n "${MGD_DEADLINE_S:-}" ]; then
     local rest=$(( start + MGD_DEADLINE_S - $(date +%s) ))
     [ "$rest" -lt "$min" ] && { echo 0; return; }
