@@ -12,7 +12,11 @@ host threads (events carrying `hlo_op`), said so in the summary. Times are self 
 
 Writes DIR/profile.md (tables), DIR/profile.json (the same numbers), DIR/perfetto_trace.json.gz
 (open it at ui.perfetto.dev) and, with --hlo, DIR/round_hlo.txt.gz (the optimized HLO,
-whose fusion names are the GPU kernels' names).
+whose fusion names are the GPU kernels' names) and a table "By source": each op's time
+under what it is for (matmuls of the blocks or the output layer, cross-entropy, norms,
+rotary, Adam, carries, casts, copies; `hlo_sources.py` reads it from the HLO's source
+stacks). XLA's GPU command buffers are turned off while profiling (kernels inside one
+would carry the buffer's name, not their instruction's); --command-buffers keeps them.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ from collections import defaultdict
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hlo_sources  # noqa: E402  (the sibling module, whether run as a script or loaded by path)
 
 # First match wins: our kernels name CUTLASS types, so they are tested first; a cuBLAS gemm
 # is an XLA custom call, so gemm is tested before the other attention names.
@@ -84,8 +90,16 @@ def load_events(path: Path) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def summarize(events: list[dict], top: int = 30) -> dict:
-    """Device ops (or, without a device, XLA CPU ops) by name, stem and category; times in us."""
+def _source_of(name: str, hlo: str, sources: dict) -> str:
+    for key in (hlo, name, name.replace(".", "_")):
+        if key and key in sources:
+            return sources[key]
+    return "unattributed (no HLO instruction of this name)"
+
+
+def summarize(events: list[dict], top: int = 30, sources: dict | None = None) -> dict:
+    """Device ops (or, without a device, XLA CPU ops) by name, stem and category; times in us.
+    With `sources` (hlo_sources.index of the round's HLO) also by what each op is for."""
     procs, threads = {}, {}
     for e in events:
         if e.get("ph") == "M" and e.get("name") == "process_name":
@@ -113,6 +127,7 @@ def summarize(events: list[dict], top: int = 30) -> dict:
     ops: dict[str, dict] = {}
     stems: dict[str, dict] = {}
     cats: dict[str, dict] = {}
+    by_source: dict[str, dict] = {}
     thread_rows = []
     first, last = None, None
     for key, evs in sorted(by_thread.items(), key=lambda kv: str(kv[0])):
@@ -121,7 +136,10 @@ def summarize(events: list[dict], top: int = 30) -> dict:
             name = e["name"]
             hlo = e.get("args", {}).get("hlo_op", "")
             cat = category(name if category(name) != OTHER or not hlo else hlo)
-            for table, k in ((ops, name), (stems, stem(name)), (cats, cat)):
+            tables = [(ops, name), (stems, stem(name)), (cats, cat)]
+            if sources is not None:
+                tables.append((by_source, _source_of(name, hlo, sources)))
+            for table, k in tables:
                 row = table.setdefault(k, {"name": k, "us": 0.0, "count": 0, "category": cat})
                 row["us"] += t
                 row["count"] += 1
@@ -142,7 +160,8 @@ def summarize(events: list[dict], top: int = 30) -> dict:
 
     return {"source": source, "total_us": total, "span_us": (last - first) if spans and first is not None
             else 0.0, "events": sum(r["count"] for r in cats.values()), "threads": thread_rows,
-            "categories": ranked(cats, len(cats)), "top_ops": ranked(ops, top),
+            "categories": ranked(cats, len(cats)), "by_source": ranked(by_source, len(by_source)),
+            "top_ops": ranked(ops, top),
             "top_stems": ranked(stems, top), "distinct_ops": len(ops)}
 
 
@@ -171,6 +190,9 @@ def to_markdown(s: dict) -> str:
         lines.append(f"- host wall time of the traced rounds: {1e3 * s['wall_s']:.3f} ms "
                      f"(untraced median {1e3 * s.get('untraced_s', 0):.3f} ms per round)")
     lines += ["", "## By category", ""] + _table(s["categories"], ("name", "us", "share", "count"))
+    if s.get("by_source"):
+        lines += ["", "## By source (what each op is for, from the HLO's source stacks)", ""]
+        lines += _table(s["by_source"], ("name", "us", "share", "count"))
     lines += ["", "## Top ops by name", ""] + _table(s["top_ops"], ("name", "category", "us", "share",
                                                                      "count", "hlo_op"))
     lines += ["", "## Top ops by name stem (numeric suffixes dropped)", ""]
@@ -180,9 +202,11 @@ def to_markdown(s: dict) -> str:
 
 
 def profile(shape: str, impl: str, plan: str, rounds: int, out: Path, hlo: bool = False,
-            top: int = 30) -> dict:
+            top: int = 30, command_buffers: bool = False) -> dict:
     """Compile, warm up, time a few untraced rounds, trace `rounds` rounds, summarize into `out`."""
     sys.path.insert(0, str(_ROOT))
+    if not command_buffers:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     import jax
 
     from bench.round_timing import build_round
@@ -192,9 +216,12 @@ def profile(shape: str, impl: str, plan: str, rounds: int, out: Path, hlo: bool 
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
+    sources = None
     if hlo:
+        text = compiled.as_text()
         with gzip.open(out / "round_hlo.txt.gz", "wt") as f:
-            f.write(compiled.as_text())
+            f.write(text)
+        sources = hlo_sources.index(text)
     jax.block_until_ready(compiled(*args))                  # warm-up
     untraced = []
     for _ in range(2):
@@ -211,8 +238,9 @@ def profile(shape: str, impl: str, plan: str, rounds: int, out: Path, hlo: bool 
         if not traces:
             raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {tmp}")
         shutil.copy(traces[-1], out / "perfetto_trace.json.gz")
-    summary = summarize(load_events(out / "perfetto_trace.json.gz"), top)
+    summary = summarize(load_events(out / "perfetto_trace.json.gz"), top, sources)
     summary.update(config=f"{shape} {impl} {plan}", rounds=rounds, wall_s=wall,
+                   command_buffers=command_buffers,
                    untraced_s=sorted(untraced)[len(untraced) // 2], compile_s=compile_s,
                    device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
@@ -230,9 +258,18 @@ def main(argv=None) -> int:
     ap.add_argument("--hlo", action="store_true", help="also write the optimized HLO (gzipped)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--trace", type=Path, help="summarize this perfetto_trace.json.gz; run nothing")
+    ap.add_argument("--hlo-text", type=Path,
+                    help="with --trace: the round's round_hlo.txt.gz, for the by-source table")
+    ap.add_argument("--command-buffers", action="store_true",
+                    help="keep XLA's GPU command buffers (ops inside one are not attributed)")
     args = ap.parse_args(argv)
     if args.trace is not None:
-        summary = summarize(load_events(args.trace), args.top)
+        sources = None
+        if args.hlo_text is not None:
+            opener = gzip.open if str(args.hlo_text).endswith(".gz") else open
+            with opener(args.hlo_text, "rt") as f:
+                sources = hlo_sources.index(f.read())
+        summary = summarize(load_events(args.trace), args.top, sources)
         summary["config"] = str(args.trace)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile.json").write_text(json.dumps(summary, indent=1))
@@ -240,7 +277,8 @@ def main(argv=None) -> int:
     else:
         if args.rounds < 1:
             ap.error(f"--rounds must be >= 1, got {args.rounds}")
-        summary = profile(args.shape, args.impl, args.plan, args.rounds, args.out, args.hlo, args.top)
+        summary = profile(args.shape, args.impl, args.plan, args.rounds, args.out, args.hlo, args.top,
+                          args.command_buffers)
     print(to_markdown(summary))
     return 0
 

@@ -81,15 +81,86 @@ def test_nested_ops_count_their_self_time():
 @pytest.mark.slow
 def test_profile_of_a_toy_round_on_cpu(tmp_path):
     out = tmp_path / "profile"
-    s = prof.profile("toy:16", "standin", "lean", rounds=1, out=out, top=10)
+    s = prof.profile("toy:16", "standin", "lean", rounds=1, out=out, top=10, hlo=True)
     assert s["source"] == "host" and s["events"] > 100 and s["total_us"] > 0
     assert len(s["top_ops"]) == 10 and s["wall_s"] > 0 and s["compile_s"] > 0
     _consistent(s)
-    assert {p.name for p in out.iterdir()} == {"profile.json", "profile.md", "perfetto_trace.json.gz"}
+    assert {p.name for p in out.iterdir()} == {"profile.json", "profile.md", "perfetto_trace.json.gz",
+                                               "round_hlo.txt.gz"}
+    # Every op's time lands under what it is for; the round's parts are all there.
+    sources = {r["name"]: r["us"] for r in s["by_source"]}
+    assert sum(sources.values()) == pytest.approx(s["total_us"])
+    for part in ("matmuls (blocks)", "matmuls (output layer)", "norms", "Adam", "cross-entropy"):
+        assert sources.get(part, 0) > 0, (part, sources)
+    assert "## By source" in (out / "profile.md").read_text()
     assert json.loads((out / "profile.json").read_text())["total_us"] == pytest.approx(s["total_us"])
     assert "## By category" in (out / "profile.md").read_text()
     # The saved trace summarizes to the same numbers on its own (the --trace path).
     assert prof.main(["--trace", str(out / "perfetto_trace.json.gz"), "--out", str(tmp_path / "again"),
-                      "--top", "10"]) == 0
+                      "--top", "10", "--hlo-text", str(out / "round_hlo.txt.gz")]) == 0
     again = json.loads((tmp_path / "again" / "profile.json").read_text())
     assert again["total_us"] == pytest.approx(s["total_us"]) and again["events"] == s["events"]
+    assert {r["name"]: r["us"] for r in again["by_source"]} == pytest.approx(sources)
+
+
+_HLO = """HloModule jit_round_fn
+
+%fused_dot (p0: bf16[4,8], p1: bf16[8,8]) -> f32[4,8] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  %p1 = bf16[8,8]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, metadata={stack_frame_id=3}
+}
+
+%fused_norm (p0: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %multiply.2 = f32[4,8]{1,0} multiply(%p0, %p0), metadata={stack_frame_id=2}
+}
+
+%fused_cast (p0: f32[4,8]) -> bf16[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %convert.3 = bf16[4,8]{1,0} convert(%p0)
+}
+
+ENTRY %main (a: bf16[4,8], b: bf16[8,8], c: f32[4,8]) -> f32[4,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %b = bf16[8,8]{1,0} parameter(1)
+  %c = f32[4,8]{1,0} parameter(2)
+  %gemm_fusion_dot.7 = f32[4,8] fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={stack_frame_id=3}
+  %loop_multiply_fusion.2 = f32[4,8]{1,0} fusion(%c), kind=kLoop, calls=%fused_norm
+  %loop_convert_fusion = bf16[4,8]{1,0} fusion(%c), kind=kLoop, calls=%fused_cast
+  ROOT %add.1 = f32[4,8]{1,0} add(%gemm_fusion_dot.7, %loop_multiply_fusion.2)
+}
+
+FileNames
+1 "/work/pipeline/model.py"
+FunctionNames
+1 "_block"
+2 "_rms_norm"
+3 "token_losses.<locals>.chunk"
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=1 end_column=2}
+2 {file_name_id=1 function_name_id=2 line=20 end_line=20 column=1 end_column=2}
+3 {file_name_id=1 function_name_id=3 line=30 end_line=30 column=1 end_column=2}
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+3 {file_location_id=3 parent_frame_id=1}
+"""
+
+
+def test_hlo_sources_reads_stacks_and_judges_fusions_by_what_they_hold():
+    hs = prof.hlo_sources
+    # Printed parent ids are one more than the parent's id: frame 2's parent is frame 1.
+    assert hs.parse_frames(_HLO) == {1: ["_block"], 2: ["_rms_norm", "_block"],
+                                     3: ["token_losses.<locals>.chunk"]}
+    idx = hs.index(_HLO)
+    assert idx["gemm_fusion_dot.7"] == "matmuls (output layer)"    # a dot under token_losses
+    assert idx["gemm_fusion_dot_7"] == idx["gemm_fusion_dot.7"]     # the GPU kernel's name
+    assert idx["loop_multiply_fusion.2"] == "norms"                 # from its body's stack
+    assert idx["loop_convert_fusion"] == "casts"                    # no stack: by opcode
+    s = prof.summarize([_meta(7, "/device:GPU:0"), _meta(7, "Stream #1", tid=1),
+                        _x(7, 1, "gemm_fusion_dot_7", 0, 30), _x(7, 1, "loop_multiply_fusion_2", 40, 10),
+                        _x(7, 1, "memcpy128", 60, 5)], sources=idx)
+    assert {r["name"]: r["us"] for r in s["by_source"]} == pytest.approx(
+        {"matmuls (output layer)": 30, "norms": 10,
+         "unattributed (no HLO instruction of this name)": 5})
