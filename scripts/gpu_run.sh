@@ -15,7 +15,9 @@
 #             ($MGD_BENCH_SLICES: only the slices named, e.g. xladbwd,xladbwd64;
 #             $MGD_XLA_T: naive XLA's lengths; its compilation cache comes back as
 #             xla_cache.tgz, and .xla-cache/ carried in seeds it)
-#   e2e       one metagradient round per attention implementation (bench/test_end_to_end.py)
+#   e2e       one metagradient round per round shape ($MGD_E2E_SHAPES) and attention
+#             implementation, the stand-in beside them (bench/test_end_to_end.py); cap
+#             $MGD_E2E_CAP_S (540)
 #   nvtx      the benchmarks' NVTX ranges seen through Nsight Compute's NVTX filter
 #   oracle    the GPT-2-small metagradient round: memory and time (pipeline/bench_oracle.py);
 #             L=$MGD_ORACLE_LONG (2048; 0: none) with $MGD_ORACLE_LONG_IMPL (cuda) first,
@@ -193,7 +195,9 @@ part_bench() {
 
 part_e2e() {
   mkdir -p "$OUT/json"
-  capped 200 30 "e2e bench" \
+  # Each (shape, implementation) compiles a second-order round (15-30 s on an H100) and
+  # runs a few rounds of up to seconds: the default four shapes want a call of their own.
+  capped ${MGD_E2E_CAP_S:-540} 30 "e2e bench" \
     env MGD_BENCH_JSONL="$OUT/e2e.jsonl" MGD_BENCH_MAX_S=${MGD_BENCH_MAX_S:-0.25} python3 -m pytest bench/test_end_to_end.py -m "gpu and e2e" \
     -p no:cacheprovider -q -rs --benchmark-json "$OUT/json/e2e.json" > "$OUT/e2e.log" 2>&1
   stamp "e2e: $(tail -n 1 "$OUT/e2e.log")"
