@@ -350,7 +350,8 @@ part_profile() {
     capped 120 45 "round profile $impl" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 \
       experiments/lean_round/profile_round.py --shape "${MGD_PROFILE_SHAPE:-e2e:16384}" --impl "$impl" \
       --plan lean --rounds 2 --hlo --out "$OUT/profile_$impl" > "$OUT/profile_$impl.log" 2>&1
-    grep -A14 -i "categor" "$OUT/profile_$impl/profile.md" 2>/dev/null | head -n 16
+    grep -A14 -i "by category" "$OUT/profile_$impl/profile.md" 2>/dev/null | head -n 16
+    grep -A18 "By source" "$OUT/profile_$impl/profile.md" 2>/dev/null | head -n 20
   done
 }
 
