@@ -3,7 +3,7 @@
 Pre-norm blocks (RMSNorm), rotary positions, a GELU MLP, tied input/output
 embeddings, no biases. Parameters are float32 (or whatever `param_dtype` says);
 matrix products run in `compute_dtype` (bf16 by default) with float32
-accumulation, and the residual stream, norms and softmax statistics stay in
+accumulation, their derivatives too (`matmul_2d`), and the residual stream, norms and softmax statistics stay in
 float32. Attention goes through `mgd.attention`, so `attention_impl` picks the
 kernel whose backward and double backward the metagradient runs through.
 
