@@ -34,12 +34,18 @@ struct BackwardArgs {
   bool bulk_reduce;  // fused mode: DqMode::kBulk, else kRed
 };
 
+#ifndef MGD_BWD_D64_WIDE
+#define MGD_BWD_D64_WIDE 0
+#endif
+
 template <class Element, int kHeadDim>
 struct BwdConfig : TileConfig<Element, kHeadDim> {
   // Key-major kernel: dK and dV accumulators (2 * D/2 registers per thread) plus two
-  // 64 x 64 score tiles fit the 240 consumer registers at both head dims.
-  static constexpr int kQueryBlock = 64;
-  static constexpr int kQueryStages = kHeadDim == 128 ? 3 : 4;
+  // 64 x 64 score tiles fit the 240 consumer registers at both head dims. MGD_BWD_D64_WIDE
+  // takes 128-query blocks at D=64 (score products n128, as FA3's D=64 backward): the
+  // accumulators are half as wide there, which leaves room for two 64 x 128 score tiles.
+  static constexpr int kQueryBlock = kHeadDim == 64 && MGD_BWD_D64_WIDE ? 128 : 64;
+  static constexpr int kQueryStages = kHeadDim == 128 || kQueryBlock == 128 ? 3 : 4;
   // Query-major kernel: only the dQ accumulator is long-lived.
   static constexpr int kKeyBlock = 64;
   static constexpr int kKeyStages = kHeadDim == 128 ? 3 : 4;

@@ -65,11 +65,18 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     const size_t accum_bytes = size_t(Bn) * H * padded * D * sizeof(float);
     cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, accum_bytes, stream);
     if (err != cudaSuccess) return err;
-    err = a.bulk_reduce ? launch_fused<Cfg, DqMode::kBulk>(a, stream)
-                        : launch_fused<Cfg, DqMode::kRed>(a, stream);
+    // The bulk reduce stages one dQ chunk per query block: 64-query blocks only.
+    constexpr bool kBulkFits = Cfg::kQueryBlock == kDqChunk;
+    const bool bulk = a.bulk_reduce && kBulkFits;
+    if constexpr (kBulkFits) {
+      err = bulk ? launch_fused<Cfg, DqMode::kBulk>(a, stream)
+                 : launch_fused<Cfg, DqMode::kRed>(a, stream);
+    } else {
+      err = launch_fused<Cfg, DqMode::kRed>(a, stream);
+    }
     if (err != cudaSuccess) return err;
     BwdNvtxRange range("mgd_bwd_dq_convert", a);
-    if (a.bulk_reduce) {
+    if (bulk) {
       dim3 grid(padded / kDqChunk * (D / kDqChunk), H, Bn);
       bwd_dq_convert_chunks_kernel<E, D><<<grid, 128, 0, stream>>>(
           a.dq_accum, static_cast<E*>(a.dq), T, H, padded);
