@@ -3,8 +3,8 @@
 Pre-norm blocks (RMSNorm), rotary positions, a GELU MLP, tied input/output
 embeddings, no biases. Parameters are float32 (or whatever `param_dtype` says);
 matrix products run in `compute_dtype` (bf16 by default) with float32
-accumulation, their derivatives too (`matmul_2d`), and the residual stream, norms and softmax statistics stay in
-float32. Attention goes through `mgd.attention`, so `attention_impl` picks the
+accumulation, their derivatives too (`matmul_2d`), and the residual stream, norms and
+softmax statistics stay in float32. Attention goes through `mgd.attention`, so `attention_impl` picks the
 kernel whose backward and double backward the metagradient runs through.
 
 The layers are stacked along a leading axis and run with `lax.scan`: one
