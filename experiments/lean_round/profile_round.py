@@ -50,6 +50,15 @@ CATEGORIES = (
                                       r"|broadcast|select|exp|rsqrt|iota|compare|divide|subtract")),
 )
 OTHER = "other"
+
+# Attention kernels by the call they belong to, for every backend's kernel names (ours,
+# Pallas's `pallas_call` names, the Triton kernels'); the first match wins.
+ATTENTION_KINDS = (
+    ("double backward", re.compile(r"double_backward|sweep[123]_kernel|attention_dbwd")),
+    ("backward", re.compile(r"attention_backward|attention_delta|attention_bwd|bwd_preprocess"
+                            r"|bwd_dkdv|bwd_dq")),
+    ("forward", re.compile(r"attention_forward|attention_fwd|fwd_kernel")),
+)
 # Lines the profiler derives from the streams (they repeat the stream's kernels).
 _DERIVED = ("xla modules", "xla ops", "steps", "framework", "source code", "launch stats",
             "tensorflow ops", "xla traceme")
@@ -90,6 +99,14 @@ def load_events(path: Path) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
+def attention_kind(name: str) -> str | None:
+    """"forward", "backward" or "double backward" for an attention kernel's name, else None."""
+    for kind, pattern in ATTENTION_KINDS:
+        if pattern.search(name):
+            return kind
+    return None
+
+
 def _source_of(name: str, hlo: str, sources: dict) -> str:
     for key in (hlo, name, name.replace(".", "_")):
         if key and key in sources:
@@ -128,6 +145,7 @@ def summarize(events: list[dict], top: int = 30, sources: dict | None = None) ->
     stems: dict[str, dict] = {}
     cats: dict[str, dict] = {}
     by_source: dict[str, dict] = {}
+    kinds: dict[str, dict] = {}
     thread_rows = []
     first, last = None, None
     for key, evs in sorted(by_thread.items(), key=lambda kv: str(kv[0])):
@@ -139,6 +157,9 @@ def summarize(events: list[dict], top: int = 30, sources: dict | None = None) ->
             tables = [(ops, name), (stems, stem(name)), (cats, cat)]
             if sources is not None:
                 tables.append((by_source, _source_of(name, hlo, sources)))
+            kind = attention_kind(name)
+            if kind is not None:
+                tables.append((kinds, kind))
             for table, k in tables:
                 row = table.setdefault(k, {"name": k, "us": 0.0, "count": 0, "category": cat})
                 row["us"] += t
@@ -161,6 +182,7 @@ def summarize(events: list[dict], top: int = 30, sources: dict | None = None) ->
     return {"source": source, "total_us": total, "span_us": (last - first) if spans and first is not None
             else 0.0, "events": sum(r["count"] for r in cats.values()), "threads": thread_rows,
             "categories": ranked(cats, len(cats)), "by_source": ranked(by_source, len(by_source)),
+            "attention_kinds": ranked(kinds, len(kinds)),
             "top_ops": ranked(ops, top),
             "top_stems": ranked(stems, top), "distinct_ops": len(ops)}
 
@@ -190,6 +212,9 @@ def to_markdown(s: dict) -> str:
         lines.append(f"- host wall time of the traced rounds: {1e3 * s['wall_s']:.3f} ms "
                      f"(untraced median {1e3 * s.get('untraced_s', 0):.3f} ms per round)")
     lines += ["", "## By category", ""] + _table(s["categories"], ("name", "us", "share", "count"))
+    if s.get("attention_kinds"):
+        lines += ["", "## Attention by kernel kind (share: of all device time)", ""]
+        lines += _table(s["attention_kinds"], ("name", "us", "share", "count"))
     if s.get("by_source"):
         lines += ["", "## By source (what each op is for, from the HLO's source stacks)", ""]
         lines += _table(s["by_source"], ("name", "us", "share", "count"))

@@ -61,9 +61,27 @@ def test_gpu_shaped_trace_counts_stream_kernels_once_by_category(tmp_path):
     assert {r["name"]: r["count"] for r in s["top_stems"]}["loop_add_fusion"] == 2
     assert s["top_ops"][0]["hlo_op"] == "custom-call.12"
     assert {t["thread"] for t in s["threads"]} == {"Stream #13(Compute)", "Stream #21(MemcpyD2D)"}
+    assert {r["name"]: r["us"] for r in s["attention_kinds"]} == {"forward": 100}
     _consistent(s)
     md = prof.to_markdown(s)
     assert "device kernels" in md and "| gemm/cublas | 0.300 | 54.5% | 1 |" in md
+
+
+def test_attention_kernels_are_named_by_the_call_they_belong_to():
+    kind = prof.attention_kind
+    for name, want in (
+            ("void mgd::fwd_kernel<mgd::FwdConfig<cutlass::bfloat16_t, 64> >(mgd::FwdParams", "forward"),
+            ("void mgd::bwd_dkdv_kernel<mgd::BwdConfig<cutlass::bfloat16_t, 64>, (mgd::DqMode)0>",
+             "backward"),
+            ("void mgd::bwd_dq_convert_kernel<cutlass::bfloat16_t, 64>", "backward"),
+            ("void mgd::sweep2_kernel<mgd::TileConfig<cutlass::bfloat16_t, 64> >", "double backward"),
+            ("mgd_attention_forward", "forward"), ("mgd_attention_delta", "backward"),
+            ("mgd_attention_backward_dkdv", "backward"),
+            ("mgd_attention_double_backward_rows", "double backward"),
+            ("attention_fwd", "forward"), ("attention_bwd_dq", "backward"),
+            ("attention_dbwd_dkdv", "double backward"),
+            ("gemm_fusion_dot_303", None), ("loop_add_fusion", None)):
+        assert kind(name) == want, name
 
 
 def test_nested_ops_count_their_self_time():
