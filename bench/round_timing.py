@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("round_timing")
@@ -50,7 +51,8 @@ FIELDS = ("shape", "seq_len", "impl", "plan", "status", "median_s", "min_s", "re
 
 
 def build_round(shape_spec: str, impl: str, plan: str):
-    """The jitted round of one configuration and its inputs (params, train rows, target rows)."""
+    """The jitted round of one configuration and its inputs (params, train rows, target rows);
+    a variant's backend switches are set in this process (they are read when it traces)."""
     import jax
     import numpy as np
 
@@ -69,8 +71,29 @@ def build_round(shape_spec: str, impl: str, plan: str):
     return fn, (params, train, target)
 
 
+@contextmanager
+def _switches(impl: str):
+    """The variant's backend switches set for the block, the environment restored after."""
+    env = parse_impl(impl)[1]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def measure(shape_spec: str, impl: str, plan: str, repeats: int) -> dict:
-    """One configuration, in this process."""
+    """One configuration, in this process (its backend switches set only while it runs)."""
+    with _switches(impl):
+        return _measure(shape_spec, impl, plan, repeats)
+
+
+def _measure(shape_spec: str, impl: str, plan: str, repeats: int) -> dict:
     import jax
 
     from mgd.pipeline.round_shapes import parse_shape

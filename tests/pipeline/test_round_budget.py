@@ -109,10 +109,19 @@ def test_round_timing_cpu_path_writes_its_table(tmp_path):
         assert exc.value.code != 0
 
 
-def test_round_timing_variants_set_their_backend_switches():
-    from bench.round_timing import parse_impl
+def test_round_timing_variants_set_their_backend_switches(monkeypatch):
+    from bench.round_timing import _switches, parse_impl
 
     assert parse_impl("pallas") == ("pallas", {})
     assert parse_impl("cuda+split") == ("cuda", {"MGD_CUDA_SPLIT_CALLS": "1"})
     assert parse_impl("cuda+onecall+fused") == (
         "cuda", {"MGD_CUDA_SPLIT_CALLS": "0", "MGD_CUDA_DETERMINISTIC": "0"})
+    # Measured in process, a variant's switches hold only while it runs.
+    monkeypatch.delenv("MGD_CUDA_SPLIT_CALLS", raising=False)
+    monkeypatch.setenv("MGD_CUDA_DETERMINISTIC", "1")
+    import os
+    with _switches("cuda+onecall+fused"):
+        assert os.environ["MGD_CUDA_SPLIT_CALLS"] == "0"
+        assert os.environ["MGD_CUDA_DETERMINISTIC"] == "0"
+    assert "MGD_CUDA_SPLIT_CALLS" not in os.environ
+    assert os.environ["MGD_CUDA_DETERMINISTIC"] == "1"
