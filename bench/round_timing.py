@@ -51,8 +51,9 @@ FIELDS = ("shape", "seq_len", "impl", "plan", "status", "median_s", "min_s", "re
 
 
 def build_round(shape_spec: str, impl: str, plan: str):
-    """The jitted round of one configuration and its inputs (params, train rows, target rows);
-    a variant's backend switches are set in this process (they are read when it traces)."""
+    """The jitted round of one configuration and its inputs (params, train rows, target rows).
+    A variant's backend switches are read when the round traces: lower it inside
+    `switches(impl)`."""
     import jax
     import numpy as np
 
@@ -60,8 +61,7 @@ def build_round(shape_spec: str, impl: str, plan: str):
     from mgd.pipeline.round_shapes import parse_shape
 
     shape, seq_len = parse_shape(shape_spec)
-    impl, env = parse_impl(impl)
-    os.environ.update(env)
+    impl = parse_impl(impl)[0]
     cfg = shape.model_config(seq_len, impl)
     fn = oracle.make_round_fn(cfg, shape.oracle_config(oracle.RematPlan.named(plan)))
     params = model.init_params(cfg, jax.random.key(0))
@@ -72,7 +72,7 @@ def build_round(shape_spec: str, impl: str, plan: str):
 
 
 @contextmanager
-def _switches(impl: str):
+def switches(impl: str):
     """The variant's backend switches set for the block, the environment restored after."""
     env = parse_impl(impl)[1]
     saved = {k: os.environ.get(k) for k in env}
@@ -89,7 +89,7 @@ def _switches(impl: str):
 
 def measure(shape_spec: str, impl: str, plan: str, repeats: int) -> dict:
     """One configuration, in this process (its backend switches set only while it runs)."""
-    with _switches(impl):
+    with switches(impl):
         return _measure(shape_spec, impl, plan, repeats)
 
 
@@ -129,8 +129,7 @@ def _run_child(shape_spec, impl, plan, args) -> dict:
     cmd = [sys.executable, "-m", "bench.round_timing", "--one", "--shape", shape_spec,
            "--impls", impl, "--plans", plan, "--repeats", str(args.repeats)]
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout,
-                              env={**os.environ, **parse_impl(impl)[1]})
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout)
     except subprocess.TimeoutExpired:
         return {"shape": shape_spec, "impl": impl, "plan": plan, "status": "timeout"}
     for line in proc.stdout.splitlines():

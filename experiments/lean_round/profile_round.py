@@ -227,18 +227,18 @@ def to_markdown(s: dict) -> str:
 
 
 def profile(shape: str, impl: str, plan: str, rounds: int, out: Path, hlo: bool = False,
-            top: int = 30, command_buffers: bool = False) -> dict:
-    """Compile, warm up, time a few untraced rounds, trace `rounds` rounds, summarize into `out`."""
+            top: int = 30) -> dict:
+    """Compile, warm up, time a few untraced rounds, trace `rounds` rounds, summarize into `out`.
+    `impl` may carry backend switches ("cuda+onecall", bench/round_timing.py)."""
     sys.path.insert(0, str(_ROOT))
-    if not command_buffers:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
     import jax
 
-    from bench.round_timing import build_round
+    from bench.round_timing import build_round, switches
 
     fn, args = build_round(shape, impl, plan)
     t0 = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    with switches(impl):                                     # read when the round traces
+        compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     sources = None
@@ -265,7 +265,7 @@ def profile(shape: str, impl: str, plan: str, rounds: int, out: Path, hlo: bool 
         shutil.copy(traces[-1], out / "perfetto_trace.json.gz")
     summary = summarize(load_events(out / "perfetto_trace.json.gz"), top, sources)
     summary.update(config=f"{shape} {impl} {plan}", rounds=rounds, wall_s=wall,
-                   command_buffers=command_buffers,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""),
                    untraced_s=sorted(untraced)[len(untraced) // 2], compile_s=compile_s,
                    device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     (out / "profile.json").write_text(json.dumps(summary, indent=1))
@@ -276,7 +276,9 @@ def profile(shape: str, impl: str, plan: str, rounds: int, out: Path, hlo: bool 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="e2e:16384", help="name:seq_len (round_shapes.SHAPES)")
-    ap.add_argument("--impl", default="standin", choices=("pallas", "standin", "cuda", "xla", "triton"))
+    ap.add_argument("--impl", default="standin",
+                    help="pallas, standin, cuda, xla or triton, with backend switches after '+' "
+                         "(cuda+onecall; bench/round_timing.py)")
     ap.add_argument("--plan", default="lean")
     ap.add_argument("--rounds", type=int, default=2, help="rounds traced after the warm-up")
     ap.add_argument("--top", type=int, default=30, help="rows of the by-name tables")
@@ -302,8 +304,18 @@ def main(argv=None) -> int:
     else:
         if args.rounds < 1:
             ap.error(f"--rounds must be >= 1, got {args.rounds}")
-        summary = profile(args.shape, args.impl, args.plan, args.rounds, args.out, args.hlo, args.top,
-                          args.command_buffers)
+        sys.path.insert(0, str(_ROOT))
+        from bench.round_timing import parse_impl
+        try:
+            base, _ = parse_impl(args.impl)
+        except ValueError as err:
+            ap.error(f"--impl: {err}")
+        if base not in ("pallas", "standin", "cuda", "xla", "triton"):
+            ap.error(f"--impl: unknown implementation {base!r}")
+        if not args.command_buffers:  # before JAX starts: its flags are read once
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                       + " --xla_gpu_enable_command_buffer=").strip()
+        summary = profile(args.shape, args.impl, args.plan, args.rounds, args.out, args.hlo, args.top)
     print(to_markdown(summary))
     return 0
 

@@ -84,6 +84,13 @@ def test_attention_kernels_are_named_by_the_call_they_belong_to():
         assert kind(name) == want, name
 
 
+@pytest.mark.parametrize("impl", ["cuda+nope", "flash"])
+def test_cli_refuses_an_unknown_implementation_in_one_line(impl, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        prof.main(["--shape", "toy:16", "--impl", impl, "--out", str(tmp_path)])
+    assert exc.value.code != 0 and "--impl" in capsys.readouterr().err
+
+
 def test_nested_ops_count_their_self_time():
     """A while op around its body's ops (as on the CPU backend): the body is not counted twice."""
     events = [_meta(1, "/host:CPU"), _x(1, 5, "while.3", 0, 100, "while.3"),

@@ -110,7 +110,7 @@ def test_round_timing_cpu_path_writes_its_table(tmp_path):
 
 
 def test_round_timing_variants_set_their_backend_switches(monkeypatch):
-    from bench.round_timing import _switches, parse_impl
+    from bench.round_timing import parse_impl, switches
 
     assert parse_impl("pallas") == ("pallas", {})
     assert parse_impl("cuda+split") == ("cuda", {"MGD_CUDA_SPLIT_CALLS": "1"})
@@ -120,7 +120,7 @@ def test_round_timing_variants_set_their_backend_switches(monkeypatch):
     monkeypatch.delenv("MGD_CUDA_SPLIT_CALLS", raising=False)
     monkeypatch.setenv("MGD_CUDA_DETERMINISTIC", "1")
     import os
-    with _switches("cuda+onecall+fused"):
+    with switches("cuda+onecall+fused"):
         assert os.environ["MGD_CUDA_SPLIT_CALLS"] == "0"
         assert os.environ["MGD_CUDA_DETERMINISTIC"] == "0"
     assert "MGD_CUDA_SPLIT_CALLS" not in os.environ
