@@ -47,7 +47,8 @@
 #             default "sass driver": every mode and reduction written, finite, fused against
 #             split, timings); bwdsan: its compute-sanitizer step
 #   profile   one metagradient round kernel by kernel (experiments/lean_round/profile_round.py)
-#             for each of $MGD_PROFILE_IMPLS (cuda pallas standin) at $MGD_PROFILE_SHAPE (e2e:16384)
+#             for each of $MGD_PROFILE_IMPLS (cuda pallas standin) at each of
+#             $MGD_PROFILE_SHAPES (e2e:16384); cap $MGD_PROFILE_CAP_S (120) each
 # (docs/gpu-runs.md says what each part needs and returns.)
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -345,13 +346,17 @@ part_bwdsan() {
 }
 
 part_profile() {
-  local impl
-  for impl in ${MGD_PROFILE_IMPLS:-cuda pallas standin}; do
-    capped 120 45 "round profile $impl" env XLA_PYTHON_CLIENT_PREALLOCATE=false python3 \
-      experiments/lean_round/profile_round.py --shape "${MGD_PROFILE_SHAPE:-e2e:16384}" --impl "$impl" \
-      --plan lean --rounds 2 --hlo --out "$OUT/profile_$impl" > "$OUT/profile_$impl.log" 2>&1
-    grep -A14 -i "by category" "$OUT/profile_$impl/profile.md" 2>/dev/null | head -n 16
-    grep -A18 "By source" "$OUT/profile_$impl/profile.md" 2>/dev/null | head -n 20
+  local impl shape dir
+  for shape in ${MGD_PROFILE_SHAPES:-e2e:16384}; do
+    for impl in ${MGD_PROFILE_IMPLS:-cuda pallas standin}; do
+      dir="$OUT/profile_${shape/:/_}_$impl"
+      capped ${MGD_PROFILE_CAP_S:-120} 45 "round profile $shape $impl" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        python3 experiments/lean_round/profile_round.py --shape "$shape" --impl "$impl" \
+        --plan lean --rounds 2 --hlo --out "$dir" > "$dir.log" 2>&1
+      grep -A14 -i "by category" "$dir/profile.md" 2>/dev/null | head -n 16
+      grep -A18 "By source" "$dir/profile.md" 2>/dev/null | head -n 20
+      grep -A8 "by kernel kind" "$dir/profile.md" 2>/dev/null | head -n 10
+    done
   done
 }
 
