@@ -123,6 +123,25 @@ def _child(args):
     print("RESULT " + json.dumps(res), flush=True)
 
 
+def run_child(cmd, timeout, ident, log=_log):
+    """Run one measurement in a fresh process; its RESULT line as a dict (with `ident`'s
+    keys on a time-out or crash). The child's other stdout lines go to stderr."""
+    log("running: " + " ".join(cmd[1:]))
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**ident, "status": "timeout", "timeout_s": timeout}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+            res["wall_s"] = time.perf_counter() - t0
+            return res
+        print(line, file=sys.stderr, flush=True)
+    return {**ident, "status": "crashed", "returncode": proc.returncode,
+            "see": "the log (the child's stderr)"}
+
+
 def _run_child(impl, seq_len, micro_batch, args, repeats):
     cmd = [sys.executable, "-m", "mgd.pipeline.bench_oracle", "--one", impl,
            "--seq-len", str(seq_len), "--k", str(args.k), "--inner-steps", str(args.inner_steps),
@@ -133,21 +152,7 @@ def _run_child(impl, seq_len, micro_batch, args, repeats):
         cmd += ["--segments", str(args.segments)]
     if args.estimate:
         cmd += ["--estimate"]
-    _log("running: " + " ".join(cmd[1:]))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=args.child_timeout)
-    except subprocess.TimeoutExpired:
-        return {"impl": impl, "seq_len": seq_len, "status": "timeout",
-                "timeout_s": args.child_timeout}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            res = json.loads(line[len("RESULT "):])
-            res["wall_s"] = time.perf_counter() - t0
-            return res
-        print(line, file=sys.stderr, flush=True)
-    return {"impl": impl, "seq_len": seq_len, "status": "crashed", "returncode": proc.returncode,
-            "see": "the log (the child's stderr)"}
+    return run_child(cmd, args.child_timeout, {"impl": impl, "seq_len": seq_len})
 
 
 def main(argv=None):
