@@ -1,4 +1,5 @@
 // Picks the backward instantiation for the call's dtype and head dimension.
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -7,8 +8,12 @@
 
 namespace mgd {
 
-template <class E, int D>
+template <class E, int D, int kQB = 64, int kKB = 64>
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream);
+
+#ifndef MGD_BWD_D64_VARIANTS
+#define MGD_BWD_D64_VARIANTS 0
+#endif
 
 // Row statistics first, then (fused mode) the fp32 dQ accumulator at a 256 B boundary.
 static size_t stats_bytes(int batch, int seq, int heads) {
@@ -29,6 +34,46 @@ bool backward_bulk_reduce() {
   return on;
 }
 
+// bf16 at D=64: MGD_BWD_D64_BLOCKS (read once per process) names the key-major kernel's
+// query block x the query-major kernel's key block: 64x64 (unset), 128x64, 64x128, 128x128.
+enum class D64Blocks { k64x64, k128x64, k64x128, k128x128, kRefused };
+static D64Blocks backward_d64_blocks() {
+  static const D64Blocks blocks = [] {
+    const char* s = std::getenv("MGD_BWD_D64_BLOCKS");
+    if (s == nullptr || *s == '\0') return D64Blocks::k64x64;  // empty counts as unset
+    const char* const names[] = {"64x64", "128x64", "64x128", "128x128"};
+    int i = 0;
+    while (i < 4 && std::strcmp(s, names[i]) != 0) ++i;
+    const char* why =
+        i == 4 ? "not one of 64x64, 128x64, 64x128, 128x128"
+        : i > 0 && !MGD_BWD_D64_VARIANTS ? "variants not built (CMake -DMGD_BWD_D64_VARIANTS=ON)"
+                                         : nullptr;
+    if (why == nullptr) return D64Blocks(i);
+    std::fprintf(stderr, "mgd: MGD_BWD_D64_BLOCKS=%s refused: %s\n", s, why);
+    return D64Blocks::kRefused;
+  }();
+  return blocks;
+}
+
+// bf16 at D=64 in the block variant MGD_BWD_D64_BLOCKS names.
+static cudaError_t launch_bf16_d64(const BackwardArgs& a, cudaStream_t stream) {
+  using E = cutlass::bfloat16_t;
+  switch (backward_d64_blocks()) {
+    case D64Blocks::k64x64:
+      return launch_backward<E, 64>(a, stream);
+#if MGD_BWD_D64_VARIANTS
+    case D64Blocks::k128x64:
+      return launch_backward<E, 64, 128, 64>(a, stream);
+    case D64Blocks::k64x128:
+      return launch_backward<E, 64, 64, 128>(a, stream);
+    case D64Blocks::k128x128:
+      return launch_backward<E, 64, 128, 128>(a, stream);
+#endif
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 cudaError_t backward(const BackwardCall& c, cudaStream_t stream) {
   if (c.batch <= 0 || c.seq <= 0 || c.heads <= 0 || c.batch > 65535 || c.heads > 65535)
     return cudaErrorInvalidValue;
@@ -42,8 +87,7 @@ cudaError_t backward(const BackwardCall& c, cudaStream_t stream) {
   const bool bf16 = c.dtype == DType::kBFloat16;
   switch (c.head_dim) {
     case 64:
-      return bf16 ? launch_backward<cutlass::bfloat16_t, 64>(a, stream)
-                  : launch_backward<cutlass::half_t, 64>(a, stream);
+      return bf16 ? launch_bf16_d64(a, stream) : launch_backward<cutlass::half_t, 64>(a, stream);
     case 128:
       return bf16 ? launch_backward<cutlass::bfloat16_t, 128>(a, stream)
                   : launch_backward<cutlass::half_t, 128>(a, stream);

@@ -34,21 +34,20 @@ struct BackwardArgs {
   bool bulk_reduce;  // fused mode: DqMode::kBulk, else kRed
 };
 
-#ifndef MGD_BWD_D64_WIDE
-#define MGD_BWD_D64_WIDE 0
-#endif
-
-template <class Element, int kHeadDim>
+template <class Element, int kHeadDim, int kQueryBlockD64 = 64, int kKeyBlockD64 = 64>
 struct BwdConfig : TileConfig<Element, kHeadDim> {
   // Key-major kernel: dK and dV accumulators (2 * D/2 registers per thread) plus two
-  // 64 x 64 score tiles fit the 240 consumer registers at both head dims. MGD_BWD_D64_WIDE
-  // takes 128-query blocks at D=64 (score products n128, as FA3's D=64 backward): the
-  // accumulators are half as wide there, which leaves room for two 64 x 128 score tiles.
-  static constexpr int kQueryBlock = kHeadDim == 64 && MGD_BWD_D64_WIDE ? 128 : 64;
+  // 64 x 64 score tiles fit the 240 consumer registers at both head dims. At D=64 the
+  // accumulators are half as wide, which leaves room for 128-query blocks (two 64 x 128
+  // score tiles, n128 score products as in FA3's D=64 backward).
+  static_assert(kQueryBlockD64 == 64 || kQueryBlockD64 == 128, "query block 64 or 128");
+  static_assert(kKeyBlockD64 == 64 || kKeyBlockD64 == 128, "key block 64 or 128");
+  static constexpr int kQueryBlock = kHeadDim == 64 ? kQueryBlockD64 : 64;
   static constexpr int kQueryStages = kHeadDim == 128 || kQueryBlock == 128 ? 3 : 4;
-  // Query-major kernel: only the dQ accumulator is long-lived.
-  static constexpr int kKeyBlock = 64;
-  static constexpr int kKeyStages = kHeadDim == 128 ? 3 : 4;
+  // Query-major kernel: only the dQ accumulator is long-lived; 128-key blocks at D=64
+  // likewise take two 64 x 128 score tiles.
+  static constexpr int kKeyBlock = kHeadDim == 64 ? kKeyBlockD64 : 64;
+  static constexpr int kKeyStages = kHeadDim == 128 || kKeyBlock == 128 ? 3 : 4;
 };
 
 // Stage barriers of a TMA ring: `full` completes when a stage's bytes have landed,
@@ -107,8 +106,8 @@ __global__ void __launch_bounds__(32 * kPreprocessRowsPerBlock)
 // Fused dQ: how the key-major kernel adds its dQ partials to the fp32 accumulator.
 // ---------------------------------------------------------------------------------
 // kNone: not at all (the split: the query-major kernel writes dQ).
-// kRed:  each warpgroup's 64 x D partial over its own keys, per-thread red.global.add
-//        into the row-major accumulator [B, H, padded, D].
+// kRed:  each warpgroup's (query block) x D partial over its own keys, per-thread
+//        red.global.add into the row-major accumulator [B, H, padded, D].
 // kBulk: 64 x 64 partials staged in shared memory in the wgmma C register order and
 //        added by one cp.reduce.async.bulk per warpgroup into the chunked accumulator
 //        [B, H, padded / 64, D / 64, 64 * 64] (same order); at D=128 warpgroup w takes
@@ -368,12 +367,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         wgmma<true>(mma_dq, tQrDs(_, _, _, buf), tQrKt(_, _, _, w), accDQ);
         warpgroup_wait<0>();
         // One base pointer per thread; element i sits at a compile-time offset from it
-        // (wgmma C layout: row slot (i >> 1) & 1 adds 8 rows, i >> 2 adds 8 columns).
+        // (wgmma C layout per 64-row tile of kTile elements: row slot (i >> 1) & 1 adds
+        // 8 rows, (i % kTile) >> 2 adds 8 columns; tile i / kTile adds 64 rows).
+        constexpr int kTile = kRowsPerWarpgroup * D / 128;
         float* acc = p.dq_accum + (bh * p.padded + q0 + get<0>(tQcQ(0))) * D + get<1>(tQcQ(0));
         CUTE_UNROLL
         for (int i = 0; i < size(accDQ); i += 2) {
-          atomicAdd(reinterpret_cast<float2*>(acc + row_slot(i) * 8 * D + (i >> 2) * 8),
-                    make_float2(accDQ(i), accDQ(i + 1)));
+          const int off = (i / kTile * kRowsPerWarpgroup + row_slot(i) * 8) * D +
+                          (i % kTile >> 2) * 8;
+          atomicAdd(reinterpret_cast<float2*>(acc + off), make_float2(accDQ(i), accDQ(i + 1)));
         }
       } else if constexpr (kDq == DqMode::kNone) {
         wgmma<false>(mma_o, rdS, tOrQt(_, _, _, s), accK);

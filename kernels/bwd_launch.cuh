@@ -45,9 +45,11 @@ cudaError_t launch_fused(const BackwardArgs& a, cudaStream_t stream) {
   return launch_bwd_main(bwd_dkdv_kernel<Cfg, kDq>, p, int(sizeof(typename K::Shared)), a, stream);
 }
 
-template <class E, int D>
+// kQB, kKB: the key-major kernel's query block and the query-major kernel's key block
+// at D=64 (BwdConfig).
+template <class E, int D, int kQB = 64, int kKB = 64>
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
-  using Cfg = BwdConfig<E, D>;
+  using Cfg = BwdConfig<E, D, kQB, kKB>;
   constexpr int R = kRowsPerWarpgroup;
   const int Bn = a.batch, T = a.seq, H = a.heads;
   const int padded = padded_rows(T);
