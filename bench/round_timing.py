@@ -9,7 +9,7 @@ one warm-up round, then the median of --repeats timed rounds; peak memory from
 round is what the round costs outside attention. Out of memory is recorded, not fatal.
 Writes DIR/round_timing.csv and DIR/round_timing.md after every configuration. The
 shapes are `mgd.pipeline.round_shapes.SHAPES`. An implementation may carry switches of
-its backend after a "+" (`cuda+split`, `cuda+fused`; see VARIANTS), set in its process.
+its backend after a "+" (`cuda+split`, `cuda+fused`, `cuda+bwd64`; see VARIANTS), set in its process.
 """
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ VARIANTS = {
     "split": {"MGD_CUDA_SPLIT_CALLS": "1"},
     "onecall": {"MGD_CUDA_SPLIT_CALLS": "0"},
     "fused": {"MGD_CUDA_DETERMINISTIC": "0"},
+    # 64-row blocks in the bf16 D=64 backward (needs a build with MGD_BWD_D64_VARIANTS).
+    "bwd64": {"MGD_BWD_D64_BLOCKS": "64x64"},
 }
 
 

@@ -35,17 +35,17 @@ bool backward_bulk_reduce() {
 }
 
 // bf16 at D=64: MGD_BWD_D64_BLOCKS (read once per process) names the key-major kernel's
-// query block x the query-major kernel's key block: 64x64 (unset), 128x64, 64x128, 128x128.
-enum class D64Blocks { k64x64, k128x64, k64x128, k128x128, kRefused };
+// query block x the query-major kernel's key block: 128x128 (unset), 64x64, 128x64, 64x128.
+enum class D64Blocks { k128x128, k64x64, k128x64, k64x128, kRefused };
 static D64Blocks backward_d64_blocks() {
   static const D64Blocks blocks = [] {
     const char* s = std::getenv("MGD_BWD_D64_BLOCKS");
-    if (s == nullptr || *s == '\0') return D64Blocks::k64x64;  // empty counts as unset
-    const char* const names[] = {"64x64", "128x64", "64x128", "128x128"};
+    if (s == nullptr || *s == '\0') return D64Blocks::k128x128;  // empty counts as unset
+    const char* const names[] = {"128x128", "64x64", "128x64", "64x128"};
     int i = 0;
     while (i < 4 && std::strcmp(s, names[i]) != 0) ++i;
     const char* why =
-        i == 4 ? "not one of 64x64, 128x64, 64x128, 128x128"
+        i == 4 ? "not one of 128x128, 64x64, 128x64, 64x128"
         : i > 0 && !MGD_BWD_D64_VARIANTS ? "variants not built (CMake -DMGD_BWD_D64_VARIANTS=ON)"
                                          : nullptr;
     if (why == nullptr) return D64Blocks(i);
@@ -59,15 +59,15 @@ static D64Blocks backward_d64_blocks() {
 static cudaError_t launch_bf16_d64(const BackwardArgs& a, cudaStream_t stream) {
   using E = cutlass::bfloat16_t;
   switch (backward_d64_blocks()) {
-    case D64Blocks::k64x64:
-      return launch_backward<E, 64>(a, stream);
+    case D64Blocks::k128x128:
+      return launch_backward<E, 64, 128, 128>(a, stream);
 #if MGD_BWD_D64_VARIANTS
+    case D64Blocks::k64x64:
+      return launch_backward<E, 64, 64, 64>(a, stream);
     case D64Blocks::k128x64:
       return launch_backward<E, 64, 128, 64>(a, stream);
     case D64Blocks::k64x128:
       return launch_backward<E, 64, 64, 128>(a, stream);
-    case D64Blocks::k128x128:
-      return launch_backward<E, 64, 128, 128>(a, stream);
 #endif
     default:
       return cudaErrorInvalidValue;

@@ -45,8 +45,8 @@ cudaError_t launch_fused(const BackwardArgs& a, cudaStream_t stream) {
   return launch_bwd_main(bwd_dkdv_kernel<Cfg, kDq>, p, int(sizeof(typename K::Shared)), a, stream);
 }
 
-// kQB, kKB: the key-major kernel's query block and the query-major kernel's key block
-// at D=64 (BwdConfig).
+// kQB, kKB: the split form's key-major query block and query-major key block at D=64
+// (BwdConfig); the fused mode's key-major kernel streams 64-query blocks.
 template <class E, int D, int kQB = 64, int kKB = 64>
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
   using Cfg = BwdConfig<E, D, kQB, kKB>;
@@ -67,15 +67,12 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     const size_t accum_bytes = size_t(Bn) * H * padded * D * sizeof(float);
     cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, accum_bytes, stream);
     if (err != cudaSuccess) return err;
-    // The bulk reduce stages one dQ chunk per query block: 64-query blocks only.
-    constexpr bool kBulkFits = Cfg::kQueryBlock == kDqChunk;
-    const bool bulk = a.bulk_reduce && kBulkFits;
-    if constexpr (kBulkFits) {
-      err = bulk ? launch_fused<Cfg, DqMode::kBulk>(a, stream)
-                 : launch_fused<Cfg, DqMode::kRed>(a, stream);
-    } else {
-      err = launch_fused<Cfg, DqMode::kRed>(a, stream);
-    }
+    // The bulk reduce stages one dQ chunk per query block: the fused kernel always
+    // streams 64-query blocks, whatever the split form's block.
+    using CfgFused = BwdConfig<E, D, kDqChunk, kKB>;
+    const bool bulk = a.bulk_reduce;
+    err = bulk ? launch_fused<CfgFused, DqMode::kBulk>(a, stream)
+               : launch_fused<CfgFused, DqMode::kRed>(a, stream);
     if (err != cudaSuccess) return err;
     BwdNvtxRange range("mgd_bwd_dq_convert", a);
     if (bulk) {

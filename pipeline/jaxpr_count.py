@@ -187,7 +187,8 @@ class _Walker:
     def _scan(self, eqn, known):
         p = eqn.params
         body = p["jaxpr"].jaxpr
-        n_consts, n_carry, length = p["num_consts"], p["num_carry"], p["length"]
+        n_consts, n_carry = _scan_groups(p, len(known))
+        length = p["length"]
         consts = list(known[:n_consts])
         carry = list(known[n_consts:n_consts + n_carry])
         xs = [None] * (len(known) - n_consts - n_carry)
@@ -230,6 +231,16 @@ class _Walker:
             return self.walk(branches[int(index)].jaxpr, ops)
         results = [self.walk(b.jaxpr, ops) for b in branches]
         return Counts.max_of([r[0] for r in results]), [None] * len(eqn.outvars)
+
+
+def _scan_groups(params, n_in):
+    """(consts, carry) operand counts of a scan: positional counts before JAX 0.11, a
+    FlatTree of the (consts, carry, xs) groups (`ft_in`) from 0.11 on."""
+    if "num_consts" in params:
+        return params["num_consts"], params["num_carry"]
+    groups = params["ft_in"].update(list(range(n_in))).unpack()
+    sizes = [len(list(g.vals)) for g in groups]
+    return sizes[0], sizes[1]
 
 
 def _key(values):

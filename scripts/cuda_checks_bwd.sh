@@ -12,11 +12,11 @@
 #                      JAX (bench/kernel_bars.py)
 #   bwd_sanitizer.log  compute-sanitizer memcheck and racecheck on small shapes
 # Knobs: MGD_BWD_STEPS (default "sass driver pytest variants_pytest timing sanitizer"),
-# MGD_TIMING_LENGTHS, MGD_BWD_D64_BLOCKS_LIST (default empty; e.g. "128x64 64x128 128x128",
+# MGD_TIMING_LENGTHS, MGD_BWD_D64_BLOCKS_LIST (default empty; e.g. "64x64 128x64 64x128",
 # needs CMAKE_ARGS=-DMGD_BWD_D64_VARIANTS=ON): block variants of the bf16 D=64 backward that
 # the driver step also checks and times (its bf16 D=64 cases, labeled [variant]) and the
-# variants_pytest step tests, each with MGD_BWD_D64_BLOCKS set to it (with 128-query blocks
-# the fused mode reduces by red.global whatever MGD_BWD_BULK_REDUCE says).
+# variants_pytest step tests, each with MGD_BWD_D64_BLOCKS set to it (the fused mode streams
+# 64-query blocks in every variant).
 set -uo pipefail
 OUT=${OUT:-/tmp/mgd_checks}
 mkdir -p "$OUT"

@@ -23,6 +23,9 @@
 #             L=$MGD_ORACLE_LONG (2048; 0: none) with $MGD_ORACLE_LONG_IMPL (cuda) first,
 #             then L=128 for each of $MGD_ORACLE_IMPLS (cuda,pallas,xla,triton; set it
 #             empty for the long run alone); cap $MGD_ORACLE_CAP_S (420) seconds
+#   planner   the seed-sized round under the memory planner beside fixed plans
+#             (pipeline/bench_planner.py): $MGD_PLANNER_PROGRAMS (auto,auto:16GB,frugal:2,
+#             frugal:64); cap $MGD_PLANNER_CAP_S (420), $MGD_PLANNER_CHILD_S (240) a program
 #   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
 #   cuda      our forward and backward kernels: the forward's driver checks (written,
 #             finite, sampled rows against float64), compute-sanitizer memcheck, the
@@ -229,6 +232,14 @@ part_oracle() {
     --repeats-long "${MGD_ORACLE_REPEATS_LONG:-0}" --child-timeout "$cap" > "$OUT/oracle.log" 2>&1
 }
 
+part_planner() {
+  capped ${MGD_PLANNER_CAP_S:-420} 90 "planner round" env JAX_COMPILATION_CACHE_DIR=/tmp/mgd-jax-cache \
+    python3 -m mgd.pipeline.bench_planner --out "$OUT/planner.json" \
+    --programs "${MGD_PLANNER_PROGRAMS:-auto,auto:16GB,frugal:2,frugal:64}" --repeats 2 \
+    --child-timeout "${MGD_PLANNER_CHILD_S:-240}" > "$OUT/planner.log" 2>&1
+  grep "bench_planner.*round_s=" "$OUT/planner.log" | tail -n 8
+}
+
 part_demo() {
   # Its own time is the bar (issue #7: at most 8 minutes on one H200); the report's
   # stage timings say where it went.
@@ -363,8 +374,8 @@ part_profile() {
 parts=${*:-tune tests bench e2e nvtx oracle demo}
 for part in $parts; do
   case $part in
-    tune|tests|bench|e2e|nvtx|oracle|demo|cuda|round|bars|drivers|ncu|profile|fwd|bwd|bwdsan) "part_$part" ;;
-    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle demo cuda round bars drivers ncu profile fwd bwd bwdsan)"; exit 2 ;;
+    tune|tests|bench|e2e|nvtx|oracle|planner|demo|cuda|round|bars|drivers|ncu|profile|fwd|bwd|bwdsan) "part_$part" ;;
+    *) echo "unknown part: $part (tune tests bench e2e nvtx oracle planner demo cuda round bars drivers ncu profile fwd bwd bwdsan)"; exit 2 ;;
   esac
 done
 
