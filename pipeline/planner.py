@@ -46,6 +46,9 @@ MARGIN = 0.10
 SHORT_MATMUL_TOKENS = 1024
 # Compiles per planning at most; past it the least-memory candidate is taken unchecked.
 MAX_COMPILES = 12
+# A batch of b rounds shares its arguments (parameters, optimizer state) and needs about b
+# times one round's other bytes; a batch predicted this much over the limit is not compiled.
+BATCH_PREDICTION_SLACK = 0.10
 
 # Plan families, from the most memory and least recomputation to the least memory.
 FAMILIES = {
@@ -163,7 +166,8 @@ def estimate_bytes(model_cfg, oc: OracleConfig, target_rows: int) -> dict:
 class Planner:
     """Plans `oc`'s rounds for a budget; remembers what it compiled, for the fallback.
 
-    `estimate(oc) -> bytes` is XLA's analysis by default (tests pass their own)."""
+    `estimate(oc)` is XLA's analysis by default (tests pass their own): bytes, or a dict
+    with "bytes" and "argument_bytes" (what rounds batched together share)."""
     model_cfg: object
     oc: OracleConfig
     target_rows: int
@@ -176,6 +180,7 @@ class Planner:
     tried: list = field(default_factory=list)
     chosen: Candidate | None = None
     _estimates: dict = field(default_factory=dict)
+    _argument_bytes: dict = field(default_factory=dict)
     _ranked: list | None = None
 
     @classmethod
@@ -200,11 +205,24 @@ class Planner:
         key = (c.family, c.micro_batch, c.rounds_per_device)
         if key not in self._estimates:
             oc = c.apply(self.oc, self.target_rows)
-            if self.estimate is not None:
-                self._estimates[key] = int(self.estimate(oc))
+            log.info(f"planner: compiling {c.name} for its memory estimate")
+            est = (self.estimate(oc) if self.estimate is not None
+                   else estimate_bytes(self.model_cfg, oc, self.target_rows))
+            if isinstance(est, dict):
+                self._estimates[key] = int(est["bytes"])
+                self._argument_bytes[key] = int(est["argument_bytes"])
             else:
-                self._estimates[key] = estimate_bytes(self.model_cfg, oc, self.target_rows)["bytes"]
+                self._estimates[key] = int(est)
         return self._estimates[key]
+
+    def _predicted_batch_bytes(self, c: Candidate) -> int | None:
+        """Bytes of `c` (several rounds at once) extrapolated from its one-round program:
+        shared arguments plus `rounds` times the rest; None without the split."""
+        key = (c.family, c.micro_batch, 1)
+        if key not in self._argument_bytes:
+            return None
+        args = self._argument_bytes[key]
+        return args + c.rounds_per_device * (self._estimates[key] - args)
 
     def _choose(self, limit: float, exclude=()) -> Candidate:
         failed = []   # (family, micro_batch, rounds): these and anything needing more are out
@@ -236,6 +254,12 @@ class Planner:
                               and s.micro_batch == c.micro_batch and s.rounds_per_device == 1)
                 if dominated(single) or not fits(single) or dominated(c):
                     continue
+                predicted = self._predicted_batch_bytes(c)
+                if predicted is not None and predicted * (1 - BATCH_PREDICTION_SLACK) > limit:
+                    self.tried.append({"candidate": c.name, "predicted_bytes": predicted,
+                                       "limit_bytes": int(limit), "fits": False})
+                    failed.append((c.family, c.micro_batch, c.rounds_per_device))
+                    continue
             if fits(c):
                 return c
         if compiles >= self.max_compiles:
@@ -246,9 +270,10 @@ class Planner:
                 log.warning(f"planner: {self.max_compiles} compiles without a fit; taking the "
                             f"least-memory candidate ({least.name}) unchecked")
                 return least
+        smallest = min((t["estimate_bytes"] for t in self.tried if "estimate_bytes" in t), default=0)
         raise PlanError(f"no round program fits {limit / 1e9:.2f} GB ({self.budget_source}, "
                         f"less a {MARGIN:.0%} margin): the smallest tried needs "
-                        f"{min((t['estimate_bytes'] for t in self.tried), default=0) / 1e9:.2f} GB; "
+                        f"{smallest / 1e9:.2f} GB; "
                         "lower oracle.k or the sequence length, or raise oracle.memory_budget")
 
     def plan(self) -> OracleConfig:
@@ -272,8 +297,9 @@ class Planner:
                 failed_bytes = self._bytes(c)
                 break
         if failed_bytes is None:   # a configured program, not a candidate
-            failed_bytes = (self.estimate(failed) if self.estimate is not None
-                            else estimate_bytes(self.model_cfg, failed, self.target_rows)["bytes"])
+            est = (self.estimate(failed) if self.estimate is not None
+                   else estimate_bytes(self.model_cfg, failed, self.target_rows))
+            failed_bytes = int(est["bytes"] if isinstance(est, dict) else est)
         limit = failed_bytes * (1 - MARGIN)
         if self.budget is not None:
             limit = min(limit, self.budget * (1 - MARGIN))

@@ -169,3 +169,34 @@ def test_no_budget_keeps_the_configured_program():
     oc = oracle.OracleConfig(k=4, auto_plan=True, remat="frugal", micro_batch=2)
     p = planner.Planner(CFG64, oc, 4, 8, budget=None)
     assert p.plan() is oc and p.metadata()["chosen"] is None
+
+
+def test_batches_predicted_too_large_are_not_compiled():
+    """With each program's shared argument bytes known, a batch of rounds whose
+    extrapolation from one round is over the limit is skipped uncompiled; the plan is
+    still what a look at every candidate gives."""
+    oc = oracle.OracleConfig(k=4, inner_steps=2, rounds=16, target_batch=2,
+                             max_rounds_per_device=8, warm_start=False)
+    compiled = []
+
+    def estimate(o):
+        compiled.append((o.remat, o.rounds_per_device))
+        one = _fake_estimate(dataclasses.replace(o, rounds_per_device=1))
+        return {"bytes": 40 + o.rounds_per_device * one, "argument_bytes": 40}
+
+    ranked = planner.candidates(CFG, oc, target_rows=2, rounds_to_label=16)
+    assert ranked[0].family == "keep_all" and ranked[0].rounds_per_device == 8
+    estimates = {c.name: estimate(c.apply(oc, 2))["bytes"] for c in ranked}
+    compiled.clear()
+    budget = 400
+    p = planner.Planner(CFG, oc, 2, 16, budget=budget, budget_source="test", estimate=estimate)
+    p.plan()
+    want = _brute_force(ranked, estimates, budget * (1 - planner.MARGIN))
+    assert p.chosen.name == want.name
+    # keep_all needs 144 bytes for one round (within 360); four (456) and eight rounds at
+    # once, the cheapest candidates, are predicted over the limit and never compiled.
+    keep_all = planner.FAMILIES["keep_all"]
+    assert (keep_all, 1) in compiled
+    assert (keep_all, 4) not in compiled and (keep_all, 8) not in compiled
+    skipped = [t for t in p.tried if "predicted_bytes" in t]
+    assert skipped and not any(t["fits"] for t in skipped)
