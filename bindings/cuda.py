@@ -19,9 +19,10 @@ Switches, read at call time:
 
 Read once per process by the library: MGD_BWD_BULK_REDUCE=0 makes the fused form add
 its dQ partials with per-thread red.global instead of one bulk reduce per tile;
-MGD_BWD_D64_BLOCKS=128x128 (default), 64x64, 128x64 or 64x128 picks the block variant of
-the bf16 head_dim-64 split backward (key-major query block x query-major key block; all
-but the default need a library built with -DMGD_BWD_D64_VARIANTS=ON, else the call fails).
+MGD_BWD_D64_BLOCKS=128x128 (default), 64x64, 128x64, 64x128 or lean128 picks the block
+variant of the bf16 head_dim-64 backward (key-major query block x query-major key block;
+lean128: 128x128 with dS from P's bf16 copy and the fused mode on 128-query blocks); all
+but the default need a library built with -DMGD_BWD_D64_VARIANTS=ON, else the call fails.
 
 The shared library libmgd_cuda.so is built by CMake (kernels/CMakeLists.txt) and
 installed next to this file; its FFI targets are registered with JAX on first use.

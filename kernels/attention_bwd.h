@@ -31,7 +31,7 @@ bool backward_bulk_reduce();
 // Launches the backward on `stream`. Returns cudaErrorInvalidValue for shapes or
 // dtypes the kernels do not cover (head_dim other than 64 or 128), and for bf16 at
 // head_dim 64 when MGD_BWD_D64_BLOCKS (read once per process: 128x128, the default, 64x64,
-// 128x64 or 64x128) names a block variant this build lacks or is not one of those.
+// 128x64, 64x128 or lean128) names a block variant this build lacks or is not one of those.
 cudaError_t backward(const BackwardCall& call, cudaStream_t stream);
 
 }  // namespace mgd

@@ -8,7 +8,7 @@
 
 namespace mgd {
 
-template <class E, int D, int kQB = 64, int kKB = 64>
+template <class E, int D, int kQB = 64, int kKB = 64, int kFQB = 64, bool kPBf16 = false>
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream);
 
 #ifndef MGD_BWD_D64_VARIANTS
@@ -35,17 +35,18 @@ bool backward_bulk_reduce() {
 }
 
 // bf16 at D=64: MGD_BWD_D64_BLOCKS (read once per process) names the key-major kernel's
-// query block x the query-major kernel's key block: 128x128 (unset), 64x64, 128x64, 64x128.
-enum class D64Blocks { k128x128, k64x64, k128x64, k64x128, kRefused };
+// query block x the query-major kernel's key block: 128x128 (unset), 64x64, 128x64, 64x128;
+// lean128: 128x128 with dS from P's bf16 copy, and the fused mode on 128-query blocks.
+enum class D64Blocks { k128x128, k64x64, k128x64, k64x128, kLean128, kRefused };
 static D64Blocks backward_d64_blocks() {
   static const D64Blocks blocks = [] {
     const char* s = std::getenv("MGD_BWD_D64_BLOCKS");
     if (s == nullptr || *s == '\0') return D64Blocks::k128x128;  // empty counts as unset
-    const char* const names[] = {"128x128", "64x64", "128x64", "64x128"};
+    const char* const names[] = {"128x128", "64x64", "128x64", "64x128", "lean128"};
     int i = 0;
-    while (i < 4 && std::strcmp(s, names[i]) != 0) ++i;
+    while (i < 5 && std::strcmp(s, names[i]) != 0) ++i;
     const char* why =
-        i == 4 ? "not one of 128x128, 64x64, 128x64, 64x128"
+        i == 5 ? "not one of 128x128, 64x64, 128x64, 64x128, lean128"
         : i > 0 && !MGD_BWD_D64_VARIANTS ? "variants not built (CMake -DMGD_BWD_D64_VARIANTS=ON)"
                                          : nullptr;
     if (why == nullptr) return D64Blocks(i);
@@ -68,6 +69,8 @@ static cudaError_t launch_bf16_d64(const BackwardArgs& a, cudaStream_t stream) {
       return launch_backward<E, 64, 128, 64>(a, stream);
     case D64Blocks::k64x128:
       return launch_backward<E, 64, 64, 128>(a, stream);
+    case D64Blocks::kLean128:
+      return launch_backward<E, 64, 128, 128, 128, true>(a, stream);
 #endif
     default:
       return cudaErrorInvalidValue;

@@ -34,8 +34,12 @@ struct BackwardArgs {
   bool bulk_reduce;  // fused mode: DqMode::kBulk, else kRed
 };
 
-template <class Element, int kHeadDim, int kQueryBlockD64 = 64, int kKeyBlockD64 = 64>
+template <class Element, int kHeadDim, int kQueryBlockD64 = 64, int kKeyBlockD64 = 64,
+          bool kPBf16 = false>
 struct BwdConfig : TileConfig<Element, kHeadDim> {
+  // The key-major kernel forms dS from P's bf16 copy rather than the fp32 tile, which
+  // frees the S registers early (what lets 128-query blocks keep their wgmma overlap).
+  static constexpr bool kDsFromBf16P = kPBf16;
   // Key-major kernel: dK and dV accumulators (2 * D/2 registers per thread) plus two
   // 64 x 64 score tiles fit the 240 consumer registers at both head dims. At D=64 the
   // accumulators are half as wide, which leaves room for 128-query blocks (two 64 x 128
@@ -149,7 +153,8 @@ struct BwdKeyMajor {
   using E = typename Cfg::E;
   static constexpr int D = Cfg::D;
   static constexpr int N = Cfg::kQueryBlock;
-  static constexpr int S = Cfg::kQueryStages;
+  // The bulk mode at 128-query blocks needs its dQ staging room: two stages fit.
+  static constexpr int S = kDq == DqMode::kBulk && N == 128 ? 2 : Cfg::kQueryStages;
   using Resident = typename Cfg::template Smem<kRowsPerWarpgroup, kConsumerWarpgroups>;
   using Stream = typename Cfg::template Smem<N, S>;
   using StreamT = typename Cfg::template SmemT<N, S>;
@@ -174,9 +179,18 @@ struct BwdKeyMajor {
   // the same bytes as Resident (its SW128 atoms tile rows, then D, then warpgroups), and
   // their MN-major transpose, the B operand of one 64 x 64 chunk of dQ.
   static constexpr int kDqChunks = D / kDqChunk;
-  static_assert(kDq != DqMode::kBulk || N == kDqChunk, "one staged chunk per query block");
+  // Query chunks of 64 rows per query block: at D=64 a 128-query block reduces two, one
+  // after the other through the same stage.
+  static constexpr int kRowChunks = N / kDqChunk;
+  static_assert(kDq != DqMode::kBulk || N == kDqChunk || (N == 2 * kDqChunk && D == kDqChunk),
+                "bulk mode: 64-query blocks, or 128-query blocks at D=64");
   // D=128: each warpgroup takes one column chunk over both warpgroups' keys.
   static constexpr bool kSplitD = kDq == DqMode::kBulk && kDqChunks == kConsumerWarpgroups;
+  // The dS buffers seen as 64-query chunks, (64, 64 keys, chunk + kRowChunks * buffer): the
+  // same bytes as DsLayout (its SW128 atoms tile the query rows first).
+  using DsChunks = decltype(tile_to_shape(
+      GMMA::Layout_K_SW128_Atom<E>{},
+      Shape<Int<kDqChunk>, Int<kRowsPerWarpgroup>, Int<kRowChunks * 2 * kConsumerWarpgroups>>{}));
   using ResidentChunks = decltype(tile_to_shape(
       GMMA::Layout_K_SW128_Atom<E>{},
       Shape<Int<kRowsPerWarpgroup>, Int<kDqChunk>, Int<kDqChunks * kConsumerWarpgroups>>{}));
@@ -185,6 +199,7 @@ struct BwdKeyMajor {
       make_layout(Shape<Int<kDqChunk>, Int<kRowsPerWarpgroup>, Int<kDqChunks * kConsumerWarpgroups>>{},
                   Stride<Int<kRowsPerWarpgroup>, _1, Int<kRowsPerWarpgroup * kDqChunk>>{})));
   static_assert(cosize_v<ResidentChunks> == cosize_v<Resident>);
+  static_assert(cosize_v<DsChunks> == cosize_v<DsLayout>);
 
   struct Shared {
     alignas(1024) E k[cosize_v<Resident>];
@@ -313,9 +328,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   DqChunkMma<E> mma_dqc;
   auto thr_dqc = mma_dqc.get_thread_slice(tid);
   Tensor sKc = make_tensor(make_smem_ptr(sh.k), typename K::ResidentChunksT{});
-  Tensor tCrDs = thr_dqc.make_fragment_A(thr_dqc.partition_A(sDs));   // (MMA, M, K, buf)
+  Tensor sDsc = make_tensor(make_smem_ptr(sh.ds), typename K::DsChunks{});
+  Tensor tCrDs = thr_dqc.make_fragment_A(thr_dqc.partition_A(sDsc));  // (MMA, 1, K, chunk)
   Tensor tCrKt = thr_dqc.make_fragment_B(thr_dqc.partition_B(sKc));   // (MMA, 64, K, chunk)
   float4* stage = reinterpret_cast<float4*>(sh.dq_stage + w * kDqChunkFloats) + tid;
+  // Bulk mode: one 64 x 64 dQ chunk (64-row chunk `row_chunk` of the padded rows) staged in
+  // register order (conflict-free 16 B stores; the convert pass reads this order), then
+  // added to the accumulator by one bulk reduce from one thread.
+  auto stage_and_reduce = [&](auto const& accDQ, int row_chunk) {
+    CUTE_UNROLL
+    for (int v = 0; v < size(accDQ) / 4; ++v) {
+      stage[v * 128] = make_float4(accDQ(4 * v), accDQ(4 * v + 1), accDQ(4 * v + 2),
+                                   accDQ(4 * v + 3));
+    }
+    cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by the bulk op
+    cutlass::arch::NamedBarrier::sync(128, kBarDsWarpgroup + w);
+    if (tid == 0) {
+      const int chunk = K::kSplitD ? w : 0;
+      float* dst = p.dq_accum +
+                   ((bh * (p.padded / kDqChunk) + row_chunk) * K::kDqChunks + chunk) * kDqChunkFloats;
+      bulk_reduce_add_f32(dst, sh.dq_stage + w * kDqChunkFloats, kDqChunkFloats * 4);
+    }
+  };
 
   const float scale = p.scale, scale_log2 = p.scale * float(M_LOG2E);
   const bool key_tail = K::kFuseDQ && key0 + kRowsPerWarpgroup > p.seq;
@@ -352,7 +386,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       warpgroup_wait<1>();  // dP^T is ready; dV still runs
       CUTE_UNROLL
       for (int i = 0; i < size(accS); ++i) {
-        rdS(i) = E(scale * accS(i) * (accP(i) - st_s[get<1>(tScS(i))].d));
+        const float pr = Cfg::kDsFromBf16P ? float(rP(i)) : accS(i);
+        rdS(i) = E(scale * pr * (accP(i) - st_s[get<1>(tScS(i))].d));
       }
       if constexpr (kDq == DqMode::kRed) {
         const int buf = 2 * w + (it & 1);  // double-buffered: reuse two iterations later
@@ -406,23 +441,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         if constexpr (K::kSplitD) {  // columns [64 w, 64 w + 64) over all 128 keys
           wgmma<true>(mma_dqc, tCrDs(_, _, _, par), tCrKt(_, _, _, w), accDQ);
           wgmma<false>(mma_dqc, tCrDs(_, _, _, 2 + par), tCrKt(_, _, _, w + K::kDqChunks), accDQ);
-        } else {  // D=64: all columns over this warpgroup's keys
-          wgmma<true>(mma_dqc, tCrDs(_, _, _, 2 * w + par), tCrKt(_, _, _, w), accDQ);
-        }
-        warpgroup_wait<0>();
-        // Register order (conflict-free 16 B stores); the convert pass reads this order.
-        CUTE_UNROLL
-        for (int v = 0; v < size(accDQ) / 4; ++v) {
-          stage[v * 128] = make_float4(accDQ(4 * v), accDQ(4 * v + 1), accDQ(4 * v + 2),
-                                       accDQ(4 * v + 3));
-        }
-        cutlass::arch::fence_view_async_shared();  // generic-proxy stores, read by the bulk op
-        cutlass::arch::NamedBarrier::sync(128, kBarDsWarpgroup + w);
-        if (tid == 0) {
-          const int chunk = K::kSplitD ? w : 0;
-          float* dst = p.dq_accum +
-                       ((bh * (p.padded / kDqChunk) + m) * K::kDqChunks + chunk) * kDqChunkFloats;
-          bulk_reduce_add_f32(dst, sh.dq_stage + w * kDqChunkFloats, kDqChunkFloats * 4);
+          warpgroup_wait<0>();
+          stage_and_reduce(accDQ, m);
+        } else {  // D=64: all columns over this warpgroup's keys, one 64-query chunk at a time
+          CUTE_UNROLL
+          for (int c = 0; c < K::kRowChunks; ++c) {
+            wgmma<true>(mma_dqc, tCrDs(_, _, _, c + K::kRowChunks * (2 * w + par)),
+                        tCrKt(_, _, _, w), accDQ);
+            warpgroup_wait<0>();
+            if (c > 0) {  // the stage is free once the previous chunk's reduce has read it
+              if (tid == 0) bulk_wait_read_all();
+              cutlass::arch::NamedBarrier::sync(128, kBarDsWarpgroup + w);
+            }
+            stage_and_reduce(accDQ, m * K::kRowChunks + c);
+          }
         }
       }
     }

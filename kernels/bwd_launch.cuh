@@ -46,10 +46,11 @@ cudaError_t launch_fused(const BackwardArgs& a, cudaStream_t stream) {
 }
 
 // kQB, kKB: the split form's key-major query block and query-major key block at D=64
-// (BwdConfig); the fused mode's key-major kernel streams 64-query blocks.
-template <class E, int D, int kQB = 64, int kKB = 64>
+// (BwdConfig); kFQB: the fused mode's query block (128 only at D=64); kPBf16: dS from P's
+// bf16 copy in the key-major kernel.
+template <class E, int D, int kQB = 64, int kKB = 64, int kFQB = 64, bool kPBf16 = false>
 cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
-  using Cfg = BwdConfig<E, D, kQB, kKB>;
+  using Cfg = BwdConfig<E, D, kQB, kKB, kPBf16>;
   constexpr int R = kRowsPerWarpgroup;
   const int Bn = a.batch, T = a.seq, H = a.heads;
   const int padded = padded_rows(T);
@@ -67,9 +68,7 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     const size_t accum_bytes = size_t(Bn) * H * padded * D * sizeof(float);
     cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, accum_bytes, stream);
     if (err != cudaSuccess) return err;
-    // The bulk reduce stages one dQ chunk per query block: the fused kernel always
-    // streams 64-query blocks, whatever the split form's block.
-    using CfgFused = BwdConfig<E, D, kDqChunk, kKB>;
+    using CfgFused = BwdConfig<E, D, kFQB, kKB, kPBf16>;
     const bool bulk = a.bulk_reduce;
     err = bulk ? launch_fused<CfgFused, DqMode::kBulk>(a, stream)
                : launch_fused<CfgFused, DqMode::kRed>(a, stream);

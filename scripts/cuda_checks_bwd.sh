@@ -12,11 +12,11 @@
 #                      JAX (bench/kernel_bars.py)
 #   bwd_sanitizer.log  compute-sanitizer memcheck and racecheck on small shapes
 # Knobs: MGD_BWD_STEPS (default "sass driver pytest variants_pytest timing sanitizer"),
-# MGD_TIMING_LENGTHS, MGD_BWD_D64_BLOCKS_LIST (default empty; e.g. "64x64 128x64 64x128",
+# MGD_TIMING_LENGTHS, MGD_BWD_D64_BLOCKS_LIST (default empty; e.g. "64x64 lean128",
 # needs CMAKE_ARGS=-DMGD_BWD_D64_VARIANTS=ON): block variants of the bf16 D=64 backward that
 # the driver step also checks and times (its bf16 D=64 cases, labeled [variant]) and the
 # variants_pytest step tests, each with MGD_BWD_D64_BLOCKS set to it (the fused mode streams
-# 64-query blocks in every variant).
+# 64-query blocks in every variant but lean128).
 set -uo pipefail
 OUT=${OUT:-/tmp/mgd_checks}
 mkdir -p "$OUT"
@@ -106,6 +106,16 @@ for step in $STEPS; do
             [ $bulk = 0 ] && ! is_fused "$args" && continue
             echo "-- $tool MGD_BWD_BULK_REDUCE=$bulk $args"
             MGD_BWD_BULK_REDUCE=$bulk timeout 60 compute-sanitizer --tool $tool --print-limit 10 \
+              $DRV $args 2>&1 | tail -3
+          done
+        done
+      done
+      # Each listed bf16 D=64 variant: a split and a fused case with several blocks.
+      for blocks in $VARIANTS; do
+        for tool in memcheck racecheck; do
+          for args in "1 333 2 64 1 0" "1 333 2 64 1 0 0 1 1"; do
+            echo "-- $tool MGD_BWD_D64_BLOCKS=$blocks $args"
+            MGD_BWD_D64_BLOCKS=$blocks timeout 60 compute-sanitizer --tool $tool --print-limit 10 \
               $DRV $args 2>&1 | tail -3
           done
         done
