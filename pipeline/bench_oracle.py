@@ -39,6 +39,24 @@ def _log(msg):
     print(f"[bench_oracle {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def timed_calls(compiled, args, repeats, label):
+    """(first call's seconds, seconds of each of `repeats` later calls, the last output):
+    each call waited for on its first output."""
+    def call():
+        t0 = time.perf_counter()
+        out = compiled(*args)
+        out[0].block_until_ready()
+        return time.perf_counter() - t0, out
+
+    first, out = call()
+    times = []
+    for i in range(repeats):
+        seconds, out = call()
+        times.append(seconds)
+        _log(f"{label}: call {i + 1}/{repeats} {seconds:.2f} s")
+    return first, times, out
+
+
 def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, repeats,
             shape="gpt2-small", loss_chunk=512, estimate=False, plan="frugal"):
     """Run in the child process: one configuration, returns a JSON-able dict."""
@@ -90,17 +108,8 @@ def measure(impl, seq_len, k, inner_steps, micro_batch, target_batch, segments, 
              f"estimated {out.get('compiled_total_bytes', 0) / 1e9:.2f} GB")
         return {**out, "status": "estimated"}
     _log(f"{impl} L={seq_len}: compiled in {out['compile_s']:.1f} s; first round")
-    t0 = time.perf_counter()
-    tau, phi = compiled(params, train, target)
-    tau.block_until_ready()
-    out["first_round_s"] = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        tau, phi = compiled(params, train, target)
-        tau.block_until_ready()
-        times.append(time.perf_counter() - t0)
-        _log(f"{impl} L={seq_len}: round {i + 1}/{repeats} {times[-1]:.2f} s")
+    out["first_round_s"], times, (tau, phi) = timed_calls(
+        compiled, (params, train, target), repeats, f"{impl} L={seq_len}")
     tau = np.asarray(tau, np.float64)
     out.update(status="ok", round_s=min(times) if times else out["first_round_s"],
                round_s_all=times, phi=float(phi), tau_finite=bool(np.all(np.isfinite(tau))),

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from mgd.pipeline.bench_oracle import SHAPES, run_child
+from mgd.pipeline.bench_oracle import SHAPES, run_child, timed_calls
 
 DEFAULT_PROGRAMS = "auto,auto:16GB,frugal:2,frugal:64"
 
@@ -102,17 +102,9 @@ def measure(program: str, k: int, seq_len: int, inner_steps: int, target_batch: 
     t0 = time.perf_counter()
     compiled = oracle.make_rounds_fn(cfg, run_oc).lower(params, train, target).compile()
     out["compile_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tau, _ = compiled(params, train, target)
-    tau.block_until_ready()
-    out["first_call_s"] = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        t0 = time.perf_counter()
-        tau, _ = compiled(params, train, target)
-        tau.block_until_ready()
-        times.append((time.perf_counter() - t0) / rounds)
-        _log(f"{program}: call {i + 1}/{repeats}: {times[-1]:.3f} s per round")
+    out["first_call_s"], calls, (tau, _) = timed_calls(
+        compiled, (params, train, target), repeats, f"{program} ({rounds} round(s))")
+    times = [seconds / rounds for seconds in calls]
     tau = np.asarray(tau, np.float64)
     out.update(status="ok", round_s=float(np.median(times)) if times else out["first_call_s"] / rounds,
                round_s_all=times, tau_finite=bool(np.all(np.isfinite(tau))),
