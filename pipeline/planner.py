@@ -215,6 +215,14 @@ class Planner:
                 self._estimates[key] = int(est)
         return self._estimates[key]
 
+    def _least_memory(self, family: str) -> Candidate | None:
+        """The family's smallest micro-batch, one round at once; None for a family
+        without micro-batches."""
+        if not FAMILIES[family].micro_batch:
+            return None
+        return min((c for c in self.ranked if c.family == family and c.rounds_per_device == 1),
+                   key=lambda c: c.micro_batch or self.oc.k)
+
     def _predicted_batch_bytes(self, c: Candidate) -> int | None:
         """Bytes of `c` (several rounds at once) extrapolated from its one-round program:
         shared arguments plus `rounds` times the rest; None without the split."""
@@ -244,11 +252,19 @@ class Planner:
                 failed.append(key)
             return ok
 
+        probed = set()
         for c in self.ranked:
             if c.name in exclude or dominated(c):
                 continue
             if compiles >= self.max_compiles:
                 break
+            # A family of micro-batches is checked at its least memory first: when that
+            # does not fit, none of the family does (one compile instead of one per size).
+            least = self._least_memory(c.family)
+            if least is not None and c.family not in probed and least.name not in exclude:
+                probed.add(c.family)
+                if least.name != c.name and not fits(least):
+                    continue
             if c.rounds_per_device > 1:   # batching rounds only on top of one round that fits
                 single = next(s for s in self.ranked if s.family == c.family
                               and s.micro_batch == c.micro_batch and s.rounds_per_device == 1)

@@ -200,3 +200,25 @@ def test_batches_predicted_too_large_are_not_compiled():
     assert (keep_all, 4) not in compiled and (keep_all, 8) not in compiled
     skipped = [t for t in p.tried if "predicted_bytes" in t]
     assert skipped and not any(t["fits"] for t in skipped)
+
+
+def test_a_family_too_large_at_its_least_memory_is_checked_once():
+    """lean+micro does not fit even at micro-batch 1: one compile rules the family out,
+    and the plan is still what a look at every candidate gives."""
+    oc = oracle.OracleConfig(k=8, inner_steps=2, rounds=1, target_batch=2,
+                             max_rounds_per_device=1, warm_start=False)
+    compiled = []
+
+    def estimate(o):
+        compiled.append((o.remat, o.micro_batch))
+        return _fake_estimate(o)
+
+    ranked = planner.candidates(CFG, oc, target_rows=2, rounds_to_label=1)
+    estimates = {c.name: _fake_estimate(c.apply(oc, 2)) for c in ranked}
+    budget = 62   # a limit of 55.8: frugal fits from micro-batch 4 down, lean+micro never
+    p = planner.Planner(CFG, oc, 2, 1, budget=budget, budget_source="test", estimate=estimate)
+    p.plan()
+    want = _brute_force(ranked, estimates, budget * (1 - planner.MARGIN))
+    assert p.chosen.name == want.name and p.chosen.family == "frugal"
+    lean_micro = planner.FAMILIES["lean+micro"]
+    assert [m for plan, m in compiled if plan == lean_micro] == [1]
