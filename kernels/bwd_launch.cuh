@@ -69,12 +69,11 @@ cudaError_t launch_backward(const BackwardArgs& a, cudaStream_t stream) {
     cudaError_t err = cudaMemsetAsync(a.dq_accum, 0, accum_bytes, stream);
     if (err != cudaSuccess) return err;
     using CfgFused = BwdConfig<E, D, kFQB, kKB, kPBf16>;
-    const bool bulk = a.bulk_reduce;
-    err = bulk ? launch_fused<CfgFused, DqMode::kBulk>(a, stream)
-               : launch_fused<CfgFused, DqMode::kRed>(a, stream);
+    err = a.bulk_reduce ? launch_fused<CfgFused, DqMode::kBulk>(a, stream)
+                        : launch_fused<CfgFused, DqMode::kRed>(a, stream);
     if (err != cudaSuccess) return err;
     BwdNvtxRange range("mgd_bwd_dq_convert", a);
-    if (bulk) {
+    if (a.bulk_reduce) {
       dim3 grid(padded / kDqChunk * (D / kDqChunk), H, Bn);
       bwd_dq_convert_chunks_kernel<E, D><<<grid, 128, 0, stream>>>(
           a.dq_accum, static_cast<E*>(a.dq), T, H, padded);

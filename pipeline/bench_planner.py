@@ -135,9 +135,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     for p in [p for p in (args.one or args.programs).split(",") if p]:
         try:
-            parse_program(p)
+            micro = parse_program(p)[2]
         except ValueError as err:
             ap.error(f"--programs: {err}")
+        if micro is not None and args.k % micro:
+            ap.error(f"--programs: {p!r}: the micro-batch must divide --k ({args.k})")
     common = dict(k=args.k, seq_len=args.seq_len, inner_steps=args.inner_steps,
                   target_batch=args.target_batch, rounds_to_label=args.rounds_to_label,
                   repeats=args.repeats, impl=args.impl, shape=args.shape,

@@ -206,14 +206,18 @@ class Planner:
         if key not in self._estimates:
             oc = c.apply(self.oc, self.target_rows)
             log.info(f"planner: compiling {c.name} for its memory estimate")
-            est = (self.estimate(oc) if self.estimate is not None
-                   else estimate_bytes(self.model_cfg, oc, self.target_rows))
-            if isinstance(est, dict):
-                self._estimates[key] = int(est["bytes"])
-                self._argument_bytes[key] = int(est["argument_bytes"])
-            else:
-                self._estimates[key] = int(est)
+            self._estimates[key], args = self._estimate(oc)
+            if args is not None:
+                self._argument_bytes[key] = args
         return self._estimates[key]
+
+    def _estimate(self, oc: OracleConfig) -> tuple[int, int | None]:
+        """(bytes, argument bytes or None) of `oc`'s program."""
+        est = (self.estimate(oc) if self.estimate is not None
+               else estimate_bytes(self.model_cfg, oc, self.target_rows))
+        if isinstance(est, dict):
+            return int(est["bytes"]), int(est["argument_bytes"])
+        return int(est), None
 
     def _least_memory(self, family: str) -> Candidate | None:
         """The family's smallest micro-batch, one round at once; None for a family
@@ -313,9 +317,7 @@ class Planner:
                 failed_bytes = self._bytes(c)
                 break
         if failed_bytes is None:   # a configured program, not a candidate
-            est = (self.estimate(failed) if self.estimate is not None
-                   else estimate_bytes(self.model_cfg, failed, self.target_rows))
-            failed_bytes = int(est["bytes"] if isinstance(est, dict) else est)
+            failed_bytes = self._estimate(failed)[0]
         limit = failed_bytes * (1 - MARGIN)
         if self.budget is not None:
             limit = min(limit, self.budget * (1 - MARGIN))

@@ -65,6 +65,23 @@ driver_checks() {
   done
 }
 
+# sanitize BLOCKS ARGS...: memcheck and racecheck of each driver case (BLOCKS, when not
+# empty, a D=64 block variant), fused cases with both reductions.
+sanitize() {
+  local blocks=$1 tool args bulk
+  shift
+  for tool in memcheck racecheck; do
+    for args in "$@"; do
+      for bulk in 1 0; do
+        [ $bulk = 0 ] && ! is_fused "$args" && continue
+        echo "-- $tool${blocks:+ MGD_BWD_D64_BLOCKS=$blocks} MGD_BWD_BULK_REDUCE=$bulk $args"
+        env ${blocks:+MGD_BWD_D64_BLOCKS=$blocks} MGD_BWD_BULK_REDUCE=$bulk timeout 60 \
+          compute-sanitizer --tool $tool --print-limit 10 $DRV $args 2>&1 | tail -3
+      done
+    done
+  done
+}
+
 for step in $STEPS; do
   case $step in
   sass)
@@ -99,26 +116,11 @@ for step in $STEPS; do
       --lengths $LENGTHS 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tee "$OUT/bwd_timing.log" ;;
   sanitizer)
     {
-      for tool in memcheck racecheck; do
-        for args in "1 130 1 128 1 0 0 1" "1 70 2 64 0 1" "1 130 1 128 1 0 0 1 1" "1 70 2 64 0 1 0 0 1" \
-                    "1 200 2 128 0 0 0 0 1" "1 200 2 64 1 0 0 0 1"; do
-          for bulk in 1 0; do
-            [ $bulk = 0 ] && ! is_fused "$args" && continue
-            echo "-- $tool MGD_BWD_BULK_REDUCE=$bulk $args"
-            MGD_BWD_BULK_REDUCE=$bulk timeout 60 compute-sanitizer --tool $tool --print-limit 10 \
-              $DRV $args 2>&1 | tail -3
-          done
-        done
-      done
+      sanitize "" "1 130 1 128 1 0 0 1" "1 70 2 64 0 1" "1 130 1 128 1 0 0 1 1" "1 70 2 64 0 1 0 0 1" \
+                  "1 200 2 128 0 0 0 0 1" "1 200 2 64 1 0 0 0 1"
       # Each listed bf16 D=64 variant: a split and a fused case with several blocks.
       for blocks in $VARIANTS; do
-        for tool in memcheck racecheck; do
-          for args in "1 333 2 64 1 0" "1 333 2 64 1 0 0 1 1"; do
-            echo "-- $tool MGD_BWD_D64_BLOCKS=$blocks $args"
-            MGD_BWD_D64_BLOCKS=$blocks timeout 60 compute-sanitizer --tool $tool --print-limit 10 \
-              $DRV $args 2>&1 | tail -3
-          done
-        done
+        sanitize "$blocks" "1 333 2 64 1 0" "1 333 2 64 1 0 0 1 1"
       done
     } 2>&1 | tee "$OUT/bwd_sanitizer.log" ;;
   esac

@@ -353,7 +353,8 @@ part_bwd() {
 part_bwdsan() {
   capped ${MGD_BWDSAN_CAP_S:-150} 30 "backward sanitizers" env OUT="$OUT/bwd" MGD_BUILD_DIR="${MGD_BUILD_DIR:-build/device}" \
     MGD_BWD_STEPS=sanitizer bash scripts/cuda_checks_bwd.sh > "$OUT/bwd_sanitizer_stdout.log" 2>&1
-  grep -h "ERROR SUMMARY\|^--" "$OUT/bwd/bwd_sanitizer.log" 2>/dev/null | paste - - | tail -n 30
+  grep -h "ERROR SUMMARY\|RACECHECK SUMMARY\|^--" "$OUT/bwd/bwd_sanitizer.log" 2>/dev/null | paste - - |
+    tail -n 30
 }
 
 part_profile() {

@@ -20,7 +20,7 @@ def test_parse_program(text, expected):
     assert bench_planner.parse_program(text) == expected
 
 
-@pytest.mark.parametrize("text", ["auto:16XB", "nope:2", "frugal:0", "frugal:x"])
+@pytest.mark.parametrize("text", ["auto:16XB", "nope:2", "frugal:0", "frugal:x", "frugal:3"])
 def test_bad_program_is_one_line(text, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mgd.pipeline.bench_planner", "--programs", text,
                            "--out", str(tmp_path / "p.json")], capture_output=True, text=True)
