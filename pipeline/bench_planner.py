@@ -64,7 +64,7 @@ def measure(program: str, k: int, seq_len: int, inner_steps: int, target_batch: 
     import numpy as np
 
     from mgd.pipeline import model, oracle
-    from mgd.pipeline.planner import Planner
+    from mgd.pipeline.planner import Planner, analysed_bytes
 
     kind, arg, micro = parse_program(program)
     cfg = model.GPTConfig(seq_len=seq_len, attention_impl=impl, compute_dtype=compute_dtype,
@@ -102,6 +102,9 @@ def measure(program: str, k: int, seq_len: int, inner_steps: int, target_batch: 
     t0 = time.perf_counter()
     compiled = oracle.make_rounds_fn(cfg, run_oc).lower(params, train, target).compile()
     out["compile_s"] = time.perf_counter() - t0
+    est = analysed_bytes(compiled)
+    if est is not None:   # XLA's estimate beside the measured peak: how good a proxy it is
+        out["estimate_gb"] = est["bytes"] / 1e9
     out["first_call_s"], calls, (tau, _) = timed_calls(
         compiled, (params, train, target), repeats, f"{program} ({rounds} round(s))")
     times = [seconds / rounds for seconds in calls]

@@ -33,7 +33,7 @@ from mgd.pipeline.oracle import OracleConfig, RematPlan
 from mgd.pipeline.units import parse_bytes
 
 __all__ = ["Candidate", "Planner", "PlanError", "parse_bytes", "device_budget", "candidates",
-           "is_out_of_memory", "MARGIN", "SHORT_MATMUL_TOKENS"]
+           "is_out_of_memory", "analysed_bytes", "MARGIN", "SHORT_MATMUL_TOKENS"]
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +153,18 @@ def estimate_bytes(model_cfg, oc: OracleConfig, target_rows: int) -> dict:
     params, train, target, adam = round_budget.abstract_inputs(model_cfg, oc, target_rows,
                                                                oc.rounds_per_device)
     compiled = oracle.make_rounds_fn(model_cfg, oc).lower(params, train, target, adam).compile()
+    est = analysed_bytes(compiled)
+    if est is None:
+        raise RuntimeError("this backend gives no compile-time memory analysis")
+    return est
+
+
+def analysed_bytes(compiled) -> dict | None:
+    """XLA's memory analysis of a compiled program: total (temp + arguments + outputs, less
+    what outputs alias), temp and argument bytes; None where the backend gives none."""
     ma = compiled.memory_analysis()
     if ma is None:
-        raise RuntimeError("this backend gives no compile-time memory analysis")
+        return None
     total = (ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
              - ma.alias_size_in_bytes)
     return {"bytes": int(total), "temp_bytes": int(ma.temp_size_in_bytes),

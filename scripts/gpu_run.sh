@@ -51,7 +51,8 @@
 #             split, timings); bwdsan: its compute-sanitizer step
 #   profile   one metagradient round kernel by kernel (experiments/lean_round/profile_round.py)
 #             for each of $MGD_PROFILE_IMPLS (cuda pallas standin) at each of
-#             $MGD_PROFILE_SHAPES (e2e:16384); cap $MGD_PROFILE_CAP_S (120) each
+#             $MGD_PROFILE_SHAPES (e2e:16384; seed:128 is the seed labeling round) under remat
+#             plan $MGD_PROFILE_PLAN (lean); cap $MGD_PROFILE_CAP_S (120) each
 # (docs/gpu-runs.md says what each part needs and returns.)
 #
 # On the lent H200 (device tool), carrying .whl and .mgd-data (scripts/fetch_device_wheels.sh
@@ -364,7 +365,7 @@ part_profile() {
       dir="$OUT/profile_${shape/:/_}_$impl"
       capped ${MGD_PROFILE_CAP_S:-120} 45 "round profile $shape $impl" env XLA_PYTHON_CLIENT_PREALLOCATE=false \
         python3 experiments/lean_round/profile_round.py --shape "$shape" --impl "$impl" \
-        --plan lean --rounds 2 --hlo --out "$dir" > "$dir.log" 2>&1
+        --plan "${MGD_PROFILE_PLAN:-lean}" --rounds 2 --hlo --out "$dir" > "$dir.log" 2>&1
       grep -A14 -i "by category" "$dir/profile.md" 2>/dev/null | head -n 16
       grep -A18 "By source" "$dir/profile.md" 2>/dev/null | head -n 20
       grep -A8 "by kernel kind" "$dir/profile.md" 2>/dev/null | head -n 10

@@ -38,6 +38,9 @@ def test_planned_and_fixed_programs_agree(tmp_path):
     plan = runs["auto:1GB"]["plan"]
     assert plan["budget_bytes"] == 10**9 and plan["chosen"] is not None
     assert plan["chosen_estimate_bytes"] <= 0.9 * 10**9
+    # The program run is the program planned: XLA's analysis of it agrees with the plan's.
+    assert runs["auto:1GB"]["estimate_gb"] * 1e9 == pytest.approx(plan["chosen_estimate_bytes"],
+                                                                  rel=0.05)
     assert runs["frugal:2"]["micro_batch"] == 2 and runs["lean:all"]["micro_batch"] is None
     ref = runs["lean:all"]["tau_round0"]
     assert len(ref) == 4 and any(abs(x) > 0 for x in ref)
