@@ -57,7 +57,7 @@ def parse_program(text: str) -> tuple[str, str | None, int | None]:
 
 def measure(program: str, k: int, seq_len: int, inner_steps: int, target_batch: int,
             rounds_to_label: int, repeats: int, impl: str, shape: str,
-            compute_dtype: str = "bfloat16") -> dict:
+            compute_dtype: str = "bfloat16", layer_loop: str = "scan") -> dict:
     """In the child process: plan (or take) the program, compile, run, time."""
     import jax
     import jax.numpy as jnp
@@ -68,12 +68,13 @@ def measure(program: str, k: int, seq_len: int, inner_steps: int, target_batch: 
 
     kind, arg, micro = parse_program(program)
     cfg = model.GPTConfig(seq_len=seq_len, attention_impl=impl, compute_dtype=compute_dtype,
-                          **SHAPES[shape])
+                          scan_layers=layer_loop == "scan", **SHAPES[shape])
     oc = oracle.OracleConfig(k=k, inner_steps=inner_steps, inner_lr=1e-4,
                              target_batch=target_batch, warm_start=False)
     out = {"program": program, "impl": impl, "shape": shape, "k": k, "seq_len": seq_len,
            "inner_steps": inner_steps, "target_batch": target_batch,
-           "compute_dtype": compute_dtype, "params": "random (cost measurement only)",
+           "compute_dtype": compute_dtype, "layer_loop": layer_loop,
+           "params": "random (cost measurement only)",
            "device": str(jax.devices()[0]), "jax": jax.__version__}
     t0 = time.perf_counter()
     if kind == "auto":
@@ -134,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--child-timeout", type=int, default=400)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gpt2-small")
     ap.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--layer-loop", default="scan", choices=("scan", "unrolled"),
+                    help="the model's layers as a scan or a Python loop (GPTConfig.scan_layers)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child mode: one program here
     args = ap.parse_args(argv)
     for p in [p for p in (args.one or args.programs).split(",") if p]:
@@ -146,7 +149,7 @@ def main(argv=None):
     common = dict(k=args.k, seq_len=args.seq_len, inner_steps=args.inner_steps,
                   target_batch=args.target_batch, rounds_to_label=args.rounds_to_label,
                   repeats=args.repeats, impl=args.impl, shape=args.shape,
-                  compute_dtype=args.compute_dtype)
+                  compute_dtype=args.compute_dtype, layer_loop=args.layer_loop)
     if args.one:
         try:
             res = measure(args.one, **common)

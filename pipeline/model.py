@@ -47,6 +47,10 @@ class GPTConfig:
     # recompute, so the backward recomputes the block's matmuls and elementwise work but
     # never the attention forward (the kernel that dominates a long sequence).
     remat_keeps_attention: bool = False
+    # False: a Python loop over the layers. A scan stacks each layer's residuals into
+    # [n_layer, ...] buffers, which a GPU fills and reads by copies; the loop keeps them
+    # apart at the price of a longer compile.
+    scan_layers: bool = True
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -270,8 +274,17 @@ def forward(params, tokens, cfg: GPTConfig):
     def body(x, p):
         return _block(x, p, cfg), None
 
-    x, _ = jax.lax.scan(_block_remat(body, cfg), x, _compute_blocks(params["blocks"], cfg))
+    x = _run_layers(_block_remat(body, cfg), x, _compute_blocks(params["blocks"], cfg), cfg)
     return _rms_norm(x, params["norm_f"], cfg.cdtype)
+
+
+def _run_layers(body, x, blocks, cfg: GPTConfig):
+    """x through the stacked `blocks` by `body(x, p) -> (x, None)`: scanned or unrolled."""
+    if cfg.scan_layers:
+        return jax.lax.scan(body, x, blocks)[0]
+    for i in range(jax.tree_util.tree_leaves(blocks)[0].shape[0]):
+        x = body(x, jax.tree_util.tree_map(lambda a, i=i: a[i], blocks))[0]
+    return x
 
 
 def forward_with_last_layer(params, tokens, cfg: GPTConfig):
@@ -282,7 +295,7 @@ def forward_with_last_layer(params, tokens, cfg: GPTConfig):
     blocks = _compute_blocks(params["blocks"], cfg)
     first = jax.tree_util.tree_map(lambda a: a[:-1], blocks)
     last = jax.tree_util.tree_map(lambda a: a[-1], blocks)
-    x, _ = jax.lax.scan(lambda x, p: (_block(x, p, cfg), None), x, first)
+    x = _run_layers(lambda x, p: (_block(x, p, cfg), None), x, first, cfg)
     x, up = _block_with_mlp_activation(x, last, cfg)
     return _rms_norm(x, params["norm_f"], cfg.cdtype), x, up
 

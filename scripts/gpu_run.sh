@@ -25,7 +25,9 @@
 #             empty for the long run alone); cap $MGD_ORACLE_CAP_S (420) seconds
 #   planner   the seed-sized round under the memory planner beside fixed plans
 #             (pipeline/bench_planner.py): $MGD_PLANNER_PROGRAMS (auto,auto:16GB,frugal:2,
-#             frugal:64); cap $MGD_PLANNER_CAP_S (420), $MGD_PLANNER_CHILD_S (240) a program
+#             frugal:64); cap $MGD_PLANNER_CAP_S (420), $MGD_PLANNER_CHILD_S (240) a program;
+#             once per $MGD_PLANNER_LAYER_LOOPS entry (scan; "scan unrolled" for both; the
+#             unrolled programs from $MGD_PLANNER_PROGRAMS_UNROLLED when set)
 #   demo      `mgd run --preset demo` on the offline corpus in .mgd-data/
 #   cuda      our forward and backward kernels: the forward's driver checks (written,
 #             finite, sampled rows against float64), compute-sanitizer memcheck, the
@@ -234,11 +236,17 @@ part_oracle() {
 }
 
 part_planner() {
-  capped ${MGD_PLANNER_CAP_S:-420} 90 "planner round" env JAX_COMPILATION_CACHE_DIR=/tmp/mgd-jax-cache \
-    python3 -m mgd.pipeline.bench_planner --out "$OUT/planner.json" \
-    --programs "${MGD_PLANNER_PROGRAMS:-auto,auto:16GB,frugal:2,frugal:64}" --repeats 2 \
-    --child-timeout "${MGD_PLANNER_CHILD_S:-240}" > "$OUT/planner.log" 2>&1
-  grep "bench_planner.*round_s=" "$OUT/planner.log" | tail -n 8
+  local loop suffix programs
+  for loop in ${MGD_PLANNER_LAYER_LOOPS:-scan}; do
+    suffix=${loop/scan/}
+    programs=MGD_PLANNER_PROGRAMS${suffix:+_${suffix^^}}   # MGD_PLANNER_PROGRAMS_UNROLLED
+    capped ${MGD_PLANNER_CAP_S:-420} 90 "planner round ($loop layers)" env \
+      JAX_COMPILATION_CACHE_DIR=/tmp/mgd-jax-cache python3 -m mgd.pipeline.bench_planner \
+      --out "$OUT/planner${suffix:+_$suffix}.json" --layer-loop "$loop" \
+      --programs "${!programs:-${MGD_PLANNER_PROGRAMS:-auto,auto:16GB,frugal:2,frugal:64}}" --repeats 2 \
+      --child-timeout "${MGD_PLANNER_CHILD_S:-240}" > "$OUT/planner${suffix:+_$suffix}.log" 2>&1
+    grep "bench_planner.*round_s=" "$OUT/planner${suffix:+_$suffix}.log" | tail -n 8
+  done
 }
 
 part_demo() {

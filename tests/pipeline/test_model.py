@@ -300,3 +300,29 @@ def test_bf16_products_take_bf16_cotangents():
     from mgd.pipeline import jaxpr_count
     c = jaxpr_count.count(jax.make_jaxpr(jax.grad(outer))(params))
     assert c.dense_flops > 0 and c.wide_flops == 0
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_unrolled_layers_match_the_scan_to_second_order(remat):
+    """A Python loop over the layers computes what the layer scan does: loss, gradient and a
+    Hessian-vector product in float64, and its program has no scan over the layers."""
+    scan = dataclasses.replace(F64, n_layer=3, remat_blocks=remat, remat_keeps_attention=remat)
+    loop = dataclasses.replace(scan, scan_layers=False)
+    params = _perturbed(model.init_params(scan, jax.random.key(3)))
+    seqs = _rows(2, scan, seed=4)
+    tangent = _perturbed(jax.tree_util.tree_map(jnp.zeros_like, params), seed=5, scale=1.0)
+
+    def loss_grad_hvp(cfg):
+        def loss(p):
+            return jnp.sum(model.per_example_loss(p, seqs, cfg))
+        hvp = jax.jvp(jax.grad(loss), (params,), (tangent,))[1]
+        return loss(params), jax.grad(loss)(params), hvp
+
+    for a, b in zip(jax.tree_util.tree_leaves(jax.jit(lambda: loss_grad_hvp(loop))()),
+                    jax.tree_util.tree_leaves(jax.jit(lambda: loss_grad_hvp(scan))())):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    def layer_scans(cfg):   # scans of n_layer steps (the loss's chunk map has 4)
+        jaxpr = jax.make_jaxpr(lambda p: model.per_example_loss(p, seqs, cfg))(params)
+        return str(jaxpr).count(f"length={scan.n_layer}")
+
+    assert layer_scans(loop) == 0 and layer_scans(scan) == 1
