@@ -248,8 +248,8 @@ class Planner:
     def _interpolated_bytes(self, c: Candidate) -> int | None:
         """Bytes of `c` (one round) read off the line between the estimates of its family's
         nearest checked micro-batches below and above it; None unless both are known.
-        Memory grows concavely with the micro-batch (H100, seed round: 13.4, 15.4, 16.8,
-        18.6 GB at 2, 16, 32, 64 rows), so the line is a lower bound."""
+        Memory grows concavely with the micro-batch (measured: docs/planner.md), so the line
+        is a lower bound."""
         rows = c.micro_batch or self.oc.k
         known = {(m or self.oc.k): b for (f, m, r), b in self._estimates.items()
                  if f == c.family and r == 1}
