@@ -6,7 +6,8 @@
 #
 #     OUT=dir bash scripts/ncu_kernels.sh       (needs the drivers: CMAKE_ARGS=-DMGD_BUILD_DRIVER=ON)
 #
-# Shapes: bf16, causal, B=1, T=$MGD_NCU_T (8192), (H, D) = (16, 128), and (12, 64) for the forward.
+# Shapes: bf16, causal, B=1, T=$MGD_NCU_T (8192), (H, D) = (16, 128), and (12, 64) for the forward
+# and the split backward.
 set -uo pipefail
 OUT=${OUT:-/tmp/mgd_ncu}
 BUILD=${MGD_BUILD_DIR:-build/device}/kernels
@@ -39,4 +40,5 @@ profile fwd_d128 1 fwd_driver 1 "$T" 16 128 1 0
 profile fwd_d64 1 fwd_driver 1 "$T" 12 64 1 0
 profile bwd_split_d128 3 bwd_driver 1 "$T" 16 128 1 0
 profile bwd_fused_d128 3 bwd_driver 1 "$T" 16 128 1 0 0 0 1
+profile bwd_split_d64 3 bwd_driver 1 "$T" 12 64 1 0
 profile dbwd_d128 4 dbwd_driver 1 "$T" 16 128 1 0
