@@ -64,6 +64,7 @@ class ModelConfig:
     loss_chunk: int = 1024
     remat_blocks: bool = True
     remat_keeps_attention: bool = False  # block remat keeps attention's (o, lse) instead of rerunning it
+    scan_layers: bool = True           # false: a Python loop over the layers (no stacked residuals)
     init_std: float = 0.02
 
 

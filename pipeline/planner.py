@@ -280,6 +280,18 @@ class Planner:
                 failed.append(key)
             return ok
 
+        def below_the_line(c):
+            """`c` (one round) skipped uncompiled: its bytes read off the line between two
+            checked micro-batches of its family are over the limit."""
+            key = (c.family, c.micro_batch, 1)
+            between = self._interpolated_bytes(c)
+            if between is None or between <= limit or key in self._estimates:
+                return False
+            self.tried.append({"candidate": c.name, "predicted_bytes": between,
+                               "limit_bytes": int(limit), "fits": False})
+            failed.append(key)
+            return True
+
         probed = set()
         for c in self.ranked:
             if c.name in exclude or dominated(c):
@@ -293,17 +305,13 @@ class Planner:
                 probed.add(c.family)
                 if least.name != c.name and not fits(least):
                     continue
-            between = self._interpolated_bytes(c) if c.rounds_per_device == 1 else None
-            if between is not None and between > limit and (
-                    c.family, c.micro_batch, 1) not in self._estimates:
-                self.tried.append({"candidate": c.name, "predicted_bytes": between,
-                                   "limit_bytes": int(limit), "fits": False})
-                failed.append((c.family, c.micro_batch, 1))
+            if c.rounds_per_device == 1 and below_the_line(c):
                 continue
             if c.rounds_per_device > 1:   # batching rounds only on top of one round that fits
                 single = next(s for s in self.ranked if s.family == c.family
                               and s.micro_batch == c.micro_batch and s.rounds_per_device == 1)
-                if dominated(single) or not fits(single) or dominated(c):
+                if (dominated(single) or below_the_line(single) or not fits(single)
+                        or dominated(c)):
                     continue
                 predicted = self._predicted_batch_bytes(c)
                 if predicted is not None and predicted * (1 - BATCH_PREDICTION_SLACK) > limit:
@@ -314,6 +322,14 @@ class Planner:
             if fits(c):
                 return c
         if compiles >= self.max_compiles:
+            # The cheapest candidate already known to fit (a batch's single round, checked
+            # before the batch was ruled out), else the least memory unchecked.
+            known = [c for c in self.ranked if c.rounds_per_device == 1 and c.name not in exclude
+                     and self._estimates.get((c.family, c.micro_batch, 1), limit + 1) <= limit]
+            if known:
+                log.warning(f"planner: {self.max_compiles} compiles; taking the cheapest "
+                            f"candidate that fit ({known[0].name})")
+                return known[0]
             frugal = [c for c in self.ranked if c.family == "frugal"
                       and c.rounds_per_device == 1 and c.name not in exclude]
             least = min(frugal, key=lambda c: c.micro_batch or self.oc.k, default=None)

@@ -224,22 +224,23 @@ def test_a_family_too_large_at_its_least_memory_is_checked_once():
     assert [m for plan, m in compiled if plan == lean_micro] == [1]
 
 
-def test_micro_batches_between_two_checked_sizes_are_read_off_the_line():
+@pytest.mark.parametrize("rounds", [1, 16])
+def test_micro_batches_between_two_checked_sizes_are_read_off_the_line(rounds):
     """Within a family, a micro-batch whose memory interpolated between two checked sizes is
-    over the limit is skipped uncompiled; the plan is still what a look at every candidate
-    gives."""
-    oc = oracle.OracleConfig(k=64, inner_steps=2, rounds=1, target_batch=2,
-                             max_rounds_per_device=1, warm_start=False)
+    over the limit is skipped uncompiled, also where a batch of rounds at that micro-batch
+    comes first in cost order; the plan is still what a look at every candidate gives."""
+    oc = oracle.OracleConfig(k=64, inner_steps=2, rounds=rounds, target_batch=2,
+                             max_rounds_per_device=8, warm_start=False)
     compiled = []
 
     def estimate(o):
         compiled.append((o.remat, o.micro_batch))
         return _fake_estimate(o)
 
-    ranked = planner.candidates(CFG, oc, target_rows=2, rounds_to_label=1)
+    ranked = planner.candidates(CFG, oc, target_rows=2, rounds_to_label=rounds)
     estimates = {c.name: _fake_estimate(c.apply(oc, 2)) for c in ranked}
     budget = 70 / (1 - planner.MARGIN)   # frugal fits up to micro-batch 16 (66), not 32 (82)
-    p = planner.Planner(CFG, oc, 2, 1, budget=budget, budget_source="test", estimate=estimate)
+    p = planner.Planner(CFG, oc, 2, rounds, budget=budget, budget_source="test", estimate=estimate)
     p.plan()
     want = _brute_force(ranked, estimates, budget * (1 - planner.MARGIN))
     assert p.chosen.name == want.name and (p.chosen.family, p.chosen.micro_batch) == ("frugal", 16)
