@@ -6,7 +6,7 @@ target rows, inner Adam steps); the sequence length is given with it, as "e2e:16
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mgd.pipeline.model import GPTConfig
 from mgd.pipeline.oracle import OracleConfig, RematPlan
@@ -49,13 +49,13 @@ SHAPES = {
     # GPT-2 small; the frugal plan runs it one row at a time.
     "gpt2s": RoundShape("gpt2s", vocab_size=50257, n_layer=12, n_head=12, d_model=768, k=4,
                         target_rows=4, inner_steps=2, loss_chunk=512, frugal_micro_batch=1),
-    # The seed's labeling round (issue bars: seconds per round on one GPU).
-    "seed": RoundShape("seed", vocab_size=50257, n_layer=12, n_head=12, d_model=768, k=64,
-                       target_rows=64, inner_steps=16, frugal_micro_batch=2),
     # Seconds on a CPU: for checking the tools' wiring.
     "toy": RoundShape("toy", vocab_size=256, n_layer=2, n_head=2, d_model=32, k=2,
                       target_rows=2, inner_steps=2, frugal_micro_batch=1),
 }
+# The seed's labeling round on the GPT-2-small model (issue bars: seconds per round on one GPU).
+SHAPES["seed"] = replace(SHAPES["gpt2s"], name="seed", k=64, target_rows=64, inner_steps=16,
+                         loss_chunk=1024, frugal_micro_batch=2)
 
 
 def parse_shape(spec: str) -> tuple[RoundShape, int]:

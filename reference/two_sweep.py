@@ -1,7 +1,7 @@
 """The two-sweep double backward, tile by tile as a kernel would run it, in float64 NumPy.
 
-The specification of the 15-product design (`kernels/DESIGN.md`, "Double backward: two
-sweeps"): every quantity is formed on 2-D tiles in the order and with the register-saving
+The specification of the 15-product design (`kernels/DESIGN.md`, the double backward's
+"Next", item 0): every quantity is formed on 2-D tiles in the order and with the register-saving
 rewrites the kernel uses, so its tests check the kernel's algebra before any CUDA exists.
 
 - Sweep A, query-major (per query tile, keys streamed; 5 tile products): S, the two
@@ -53,6 +53,8 @@ def double_backward(q, k, v, do, ddq, ddk, ddv, *, causal=True, scale=None, bloc
                                   for x in (q, k, v, do, ddq, ddk, ddv))
     if q.shape[-2] != k.shape[-2]:
         raise ValueError("two-sweep model: self-attention only (Tq == Tk)")
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_q and block_k must be >= 1, got {block_q} and {block_k}")
     s = 1.0 / np.sqrt(q.shape[-1]) if scale is None else float(scale)
     c = counter or TileCounter()
     o, lse = float64.forward(*(np.swapaxes(x, 1, 2) for x in (q, k, v)), causal=causal,
@@ -77,9 +79,10 @@ def _p_tile(scores, lse_rows, rows, cols, causal):
     return p
 
 
-def _visible(q0, k0, causal):
-    """Whether a (query tile starting q0 .. , key tile starting k0) pair has any unmasked entry."""
-    return not causal or k0 <= q0
+def _visible(last_q, k0, causal):
+    """Whether a query tile ending at row `last_q` and a key tile starting at `k0` share an
+    unmasked entry."""
+    return not causal or k0 <= last_q
 
 
 def _sweep_a(q, k, v, do, ddq, ddk, ddv, o, lse, delta, gdo, s, causal, bq, bk, c):

@@ -50,3 +50,10 @@ def test_cross_attention_is_refused():
     k = np.zeros((1, 9, 1, 16))
     with pytest.raises(ValueError, match="Tq == Tk"):
         two_sweep.double_backward(q, k, k, q, q, k, k)
+
+
+@pytest.mark.parametrize("blocks", [(0, 64), (64, -1)])
+def test_tile_sizes_below_one_are_refused(blocks):
+    x = _inputs(0, (1, 8, 1, 16))
+    with pytest.raises(ValueError, match="block_q and block_k"):
+        two_sweep.double_backward(*x, block_q=blocks[0], block_k=blocks[1])
